@@ -1,0 +1,128 @@
+// CPU im2col / col2im of pyattn::padded_conv2d (float32, float64; OpenMP via
+// at::parallel_for). Per-axis tables are built with the shared index math of
+// pyattn/padding.h, so these loops resolve padding exactly as the CUDA kernels.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "pyattn/padded_conv.h"
+
+namespace pyattn {
+namespace {
+
+// source_index of every (tap k, output o) of one axis, at [k * out_size + o].
+std::vector<int64_t> source_table(const Axis& a, PadMode mode) {
+  std::vector<int64_t> table(a.kernel * a.out_size);
+  for (int64_t k = 0; k < a.kernel; ++k) {
+    for (int64_t o = 0; o < a.out_size; ++o) {
+      table[k * a.out_size + o] = source_index(tap_coordinate(a, o, k), a.size, mode);
+    }
+  }
+  return table;
+}
+
+// For each source element s of one axis, the column offsets k * tap_stride +
+// o * out_stride of every (k, o) that reads it (for_each_tap), in CSR form.
+struct TapTable {
+  std::vector<int64_t> begin;  // size + 1 offsets into `offset`
+  std::vector<int64_t> offset;
+};
+
+TapTable tap_table(const Axis& a, PadMode mode, int64_t tap_stride, int64_t out_stride) {
+  TapTable t;
+  t.begin.reserve(a.size + 1);
+  t.begin.push_back(0);
+  for (int64_t s = 0; s < a.size; ++s) {
+    for_each_tap(a, mode, s, [&](int64_t k, int64_t o) {
+      t.offset.push_back(k * tap_stride + o * out_stride);
+    });
+    t.begin.push_back(static_cast<int64_t>(t.offset.size()));
+  }
+  return t;
+}
+
+template <typename T>
+void im2col_kernel(const T* input, T* cols, int64_t batch, const ConvGeometry& g) {
+  const std::vector<int64_t> rows = source_table(g.h, g.mode);
+  const std::vector<int64_t> columns = source_table(g.w, g.mode);
+  const int64_t kh_count = g.h.kernel, kw_count = g.w.kernel;
+  const int64_t out_h = g.h.out_size, out_w = g.w.out_size;
+  const int64_t plane = g.input_plane();
+  // One task per column row (sample, c, kh, kw): a contiguous out_h x out_w block.
+  at::parallel_for(0, batch * g.col_rows(), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t kw = r % kw_count;
+      const int64_t kh = (r / kw_count) % kh_count;
+      const T* src = input + (r / (kw_count * kh_count)) * plane;
+      const int64_t* col_src = columns.data() + kw * out_w;
+      T* dst = cols + r * out_h * out_w;
+      for (int64_t oh = 0; oh < out_h; ++oh, dst += out_w) {
+        const int64_t ih = rows[kh * out_h + oh];
+        if (ih < 0) {
+          std::fill(dst, dst + out_w, T(0));
+          continue;
+        }
+        const T* src_row = src + ih * g.w.size;
+        for (int64_t ow = 0; ow < out_w; ++ow) {
+          const int64_t iw = col_src[ow];
+          dst[ow] = iw < 0 ? T(0) : src_row[iw];
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void col2im_kernel(const T* cols, T* grad_input, int64_t batch, const ConvGeometry& g) {
+  const int64_t out_plane = g.out_plane();
+  const TapTable rows = tap_table(g.h, g.mode, g.w.kernel * out_plane, g.w.out_size);
+  const TapTable columns = tap_table(g.w, g.mode, out_plane, 1);
+  const int64_t channel_cols = g.h.kernel * g.w.kernel * out_plane;
+  // One task per (sample, channel) plane: every input element is written once.
+  at::parallel_for(0, batch * g.channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const T* src = cols + bc * channel_cols;
+      T* dst = grad_input + bc * g.input_plane();
+      for (int64_t ih = 0; ih < g.h.size; ++ih) {
+        for (int64_t iw = 0; iw < g.w.size; ++iw) {
+          T acc = T(0);
+          for (int64_t a = rows.begin[ih]; a < rows.begin[ih + 1]; ++a) {
+            const T* src_row = src + rows.offset[a];
+            for (int64_t b = columns.begin[iw]; b < columns.begin[iw + 1]; ++b) {
+              acc += src_row[columns.offset[b]];
+            }
+          }
+          dst[ih * g.w.size + iw] = acc;
+        }
+      }
+    }
+  });
+}
+
+bool cpu_supports(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble;
+}
+
+void im2col_cpu(const at::Tensor& input, const at::Tensor& cols, const ConvGeometry& g) {
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "padded_conv2d_im2col_cpu", [&] {
+    im2col_kernel<scalar_t>(input.const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(),
+                            input.size(0), g);
+  });
+}
+
+void col2im_cpu(const at::Tensor& cols, const at::Tensor& grad_input, const ConvGeometry& g) {
+  AT_DISPATCH_FLOATING_TYPES(cols.scalar_type(), "padded_conv2d_col2im_cpu", [&] {
+    col2im_kernel<scalar_t>(cols.const_data_ptr<scalar_t>(),
+                            grad_input.mutable_data_ptr<scalar_t>(), grad_input.size(0), g);
+  });
+}
+
+constexpr ConvBackend kCpu{"CPU (float32, float64)", cpu_supports, im2col_cpu, col2im_cpu};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyattn, CPU, m) { register_padded_conv2d<kCpu>(m); }
+
+}  // namespace pyattn

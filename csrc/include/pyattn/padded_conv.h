@@ -1,0 +1,72 @@
+#pragma once
+// Device-independent driver of the padded convolution (csrc/padded_conv.cpp).
+// Each backend (cpu/, cuda/) supplies im2col and col2im over a chunk of samples;
+// the driver checks arguments, chunks the batch so the column workspace stays
+// small, and does the matrix products with ATen (BLAS / cuBLAS).
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <string_view>
+
+#include "pyattn/conv_geometry.h"
+
+namespace pyattn {
+
+struct ConvBackend {
+  const char* device_name;
+  // Dtypes this backend's kernels are compiled for.
+  bool (*supports)(at::ScalarType);
+  // input: (b, C, H, W) contiguous -> cols: (b, C*KH*KW, Ho*Wo) contiguous.
+  void (*im2col)(const at::Tensor& input, const at::Tensor& cols, const ConvGeometry& g);
+  // cols: (b, C*KH*KW, Ho*Wo) contiguous -> grad_input: (b, C, H, W) contiguous, overwritten.
+  void (*col2im)(const at::Tensor& cols, const at::Tensor& grad_input, const ConvGeometry& g);
+};
+
+at::Tensor padded_conv2d_forward(const ConvBackend& backend, const at::Tensor& input,
+                                 const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, int64_t groups,
+                                 std::string_view padding_mode);
+
+at::Tensor padded_conv2d_grad_input(const ConvBackend& backend, const at::Tensor& grad_output,
+                                    const at::Tensor& input, const at::Tensor& weight,
+                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, int64_t groups,
+                                    std::string_view padding_mode);
+
+at::Tensor padded_conv2d_grad_weight(const ConvBackend& backend, const at::Tensor& grad_output,
+                                     const at::Tensor& input, const at::Tensor& weight,
+                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t groups,
+                                     std::string_view padding_mode);
+
+// Registers the three padded-conv ops for the dispatch key of `m` on `backend`.
+template <const ConvBackend& backend>
+void register_padded_conv2d(torch::Library& m) {
+  m.impl("padded_conv2d",
+         [](const at::Tensor& input, const at::Tensor& weight,
+            const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+            c10::string_view padding_mode) {
+           return padded_conv2d_forward(backend, input, weight, bias, stride, padding, dilation,
+                                        groups, padding_mode);
+         });
+  m.impl("padded_conv2d_grad_input",
+         [](const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+            int64_t groups, c10::string_view padding_mode) {
+           return padded_conv2d_grad_input(backend, grad_output, input, weight, stride, padding,
+                                           dilation, groups, padding_mode);
+         });
+  m.impl("padded_conv2d_grad_weight",
+         [](const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+            int64_t groups, c10::string_view padding_mode) {
+           return padded_conv2d_grad_weight(backend, grad_output, input, weight, stride, padding,
+                                            dilation, groups, padding_mode);
+         });
+}
+
+}  // namespace pyattn

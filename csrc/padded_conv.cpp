@@ -1,0 +1,255 @@
+// Device-independent part of pyattn::padded_conv2d: argument checks and the
+// chunked im2col + GEMM driver. Backends register it in cpu/ and cuda/.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include "pyattn/padded_conv.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+
+namespace pyattn {
+namespace {
+
+// Column workspace per chunk of samples. At least one sample is processed at a
+// time, so the workspace is max(this, one sample's columns): far below the
+// batch-sized padded copy that F.pad + conv2d allocates.
+constexpr int64_t kWorkspaceBytes = 16 << 20;
+
+PadMode parse_padding_mode(std::string_view mode) {
+  if (mode == "zeros") return PadMode::Zeros;
+  if (mode == "reflect") return PadMode::Reflect;
+  if (mode == "replicate") return PadMode::Replicate;
+  if (mode == "circular") return PadMode::Circular;
+  TORCH_CHECK_VALUE(false, "padded_conv2d: padding_mode must be one of 'zeros', 'reflect', "
+                    "'replicate', 'circular', got '", mode, "'");
+}
+
+struct ConvProblem {
+  ConvGeometry geometry;
+  int64_t batch;
+  int64_t out_channels;
+  int64_t groups;
+};
+
+void check_pair(const char* op, const char* name, at::IntArrayRef values, size_t count,
+                int64_t minimum) {
+  TORCH_CHECK_VALUE(values.size() == count, op, ": `", name, "` must have ", count,
+                    " values, got ", values.size());
+  for (const int64_t v : values) {
+    TORCH_CHECK_VALUE(v >= minimum, op, ": `", name, "` must be >= ", minimum, ", got ",
+                      values);
+  }
+}
+
+void check_axis_padding(const char* op, PadMode mode, const char* axis, int64_t size,
+                        int64_t before, int64_t after) {
+  const int64_t pad = std::max(before, after);
+  if (mode == PadMode::Reflect) {
+    TORCH_CHECK_VALUE(pad < size, op, ": reflect `padding` must be smaller than the input ",
+                      axis, " (", size, "), got ", pad);
+  } else if (mode == PadMode::Circular) {
+    TORCH_CHECK_VALUE(pad <= size, op, ": circular `padding` must be at most the input ",
+                      axis, " (", size, "), got ", pad, " (it would wrap around more than once)");
+  }
+}
+
+ConvProblem check_problem(const char* op, const ConvBackend& backend, const at::Tensor& input,
+                          const at::Tensor& weight, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                          std::string_view padding_mode) {
+  TORCH_CHECK_VALUE(input.dim() == 4, op, ": expected `input` to be a 4-D tensor (N, C, H, W), "
+                    "got a ", input.dim(), "-D tensor");
+  TORCH_CHECK_VALUE(weight.dim() == 4, op, ": expected `weight` to be a 4-D tensor "
+                    "(C_out, C_in / groups, KH, KW), got a ", weight.dim(), "-D tensor");
+  TORCH_CHECK_TYPE(input.scalar_type() == weight.scalar_type(), op,
+                   ": `input` and `weight` must have the same dtype, got ", input.scalar_type(),
+                   " and ", weight.scalar_type());
+  TORCH_CHECK_TYPE(backend.supports(input.scalar_type()), op, ": dtype ", input.scalar_type(),
+                   " is not supported on ", backend.device_name);
+  TORCH_CHECK(input.device() == weight.device(), op,
+              ": `input` and `weight` must be on the same device, got ", input.device(), " and ",
+              weight.device());
+  for (int d = 0; d < 4; ++d) {
+    TORCH_CHECK_VALUE(input.size(d) > 0, op, ": `input` must not be empty, got shape ",
+                      input.sizes());
+    TORCH_CHECK_VALUE(weight.size(d) > 0, op, ": `weight` must not be empty, got shape ",
+                      weight.sizes());
+  }
+  check_pair(op, "stride", stride, 2, 1);
+  check_pair(op, "padding", padding, 4, 0);
+  check_pair(op, "dilation", dilation, 2, 1);
+  TORCH_CHECK_VALUE(groups >= 1, op, ": `groups` must be >= 1, got ", groups);
+  const int64_t channels = input.size(1);
+  const int64_t out_channels = weight.size(0);
+  TORCH_CHECK_VALUE(channels % groups == 0, op, ": input channels (", channels,
+                    ") must be divisible by `groups` (", groups, ")");
+  TORCH_CHECK_VALUE(out_channels % groups == 0, op, ": `weight` out channels (", out_channels,
+                    ") must be divisible by `groups` (", groups, ")");
+  TORCH_CHECK_VALUE(weight.size(1) * groups == channels, op, ": `weight` expects ",
+                    weight.size(1) * groups, " input channels (", weight.size(1), " x ", groups,
+                    " groups), but `input` has ", channels);
+  const PadMode mode = parse_padding_mode(padding_mode);
+  const int64_t height = input.size(2), width = input.size(3);
+  check_axis_padding(op, mode, "height", height, padding[0], padding[1]);
+  check_axis_padding(op, mode, "width", width, padding[2], padding[3]);
+
+  Axis h{height, 0, padding[0], padding[1], weight.size(2), stride[0], dilation[0]};
+  Axis w{width, 0, padding[2], padding[3], weight.size(3), stride[1], dilation[1]};
+  h.out_size = conv_out_size(h.size, h.pad_before, h.pad_after, h.kernel, h.stride, h.dilation);
+  w.out_size = conv_out_size(w.size, w.pad_before, w.pad_after, w.kernel, w.stride, w.dilation);
+  TORCH_CHECK_VALUE(h.out_size > 0 && w.out_size > 0, op, ": padded input (",
+                    height + padding[0] + padding[1], " x ", width + padding[2] + padding[3],
+                    ") is smaller than the dilated kernel (", dilation[0] * (h.kernel - 1) + 1,
+                    " x ", dilation[1] * (w.kernel - 1) + 1, ")");
+  return ConvProblem{ConvGeometry{channels, h, w, mode}, input.size(0), out_channels, groups};
+}
+
+void check_grad_output(const char* op, const at::Tensor& grad_output, const at::Tensor& input,
+                       const ConvProblem& p) {
+  const auto& g = p.geometry;
+  TORCH_CHECK_VALUE(grad_output.dim() == 4 && grad_output.size(0) == p.batch &&
+                        grad_output.size(1) == p.out_channels &&
+                        grad_output.size(2) == g.h.out_size && grad_output.size(3) == g.w.out_size,
+                    op, ": `grad_output` must have shape (", p.batch, ", ", p.out_channels, ", ",
+                    g.h.out_size, ", ", g.w.out_size, "), got ", grad_output.sizes());
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), op,
+                   ": `grad_output` must have dtype ", input.scalar_type(), ", got ",
+                   grad_output.scalar_type());
+  TORCH_CHECK(grad_output.device() == input.device(), op, ": `grad_output` must be on ",
+              input.device(), ", got ", grad_output.device());
+}
+
+int64_t samples_per_chunk(const ConvProblem& p, const at::Tensor& input) {
+  const int64_t per_sample = p.geometry.cols_per_sample() * input.element_size();
+  return std::clamp<int64_t>(kWorkspaceBytes / per_sample, 1, p.batch);
+}
+
+// One (sample, group) slab of a (b, G * rows, cols) tensor as a 2-D matrix.
+at::Tensor slab(const at::Tensor& t, int64_t sample, int64_t groups, int64_t group) {
+  const at::Tensor s = t.select(0, sample);
+  return s.view({groups, s.size(0) / groups, -1}).select(0, group);
+}
+
+}  // namespace
+
+at::Tensor padded_conv2d_forward(const ConvBackend& backend, const at::Tensor& input,
+                                 const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, int64_t groups,
+                                 std::string_view padding_mode) {
+  constexpr const char* op = "padded_conv2d";
+  const ConvProblem p =
+      check_problem(op, backend, input, weight, stride, padding, dilation, groups, padding_mode);
+  const c10::OptionalDeviceGuard guard(input.device());
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == p.out_channels, op,
+                      ": `bias` must have shape (", p.out_channels, "), got ", bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == input.scalar_type(), op, ": `bias` must have dtype ",
+                     input.scalar_type(), ", got ", bias->scalar_type());
+    TORCH_CHECK(bias->device() == input.device(), op, ": `bias` must be on ", input.device(),
+                ", got ", bias->device());
+  }
+  const ConvGeometry& g = p.geometry;
+  const at::Tensor x = input.contiguous();
+  const at::Tensor w = weight.contiguous().view({groups, p.out_channels / groups, -1});
+  at::Tensor out = at::empty({p.batch, p.out_channels, g.h.out_size, g.w.out_size},
+                             input.options());
+  const at::Tensor out_rows = out.view({p.batch, p.out_channels, g.out_plane()});
+  const int64_t chunk = samples_per_chunk(p, x);
+  const at::Tensor workspace = at::empty({chunk, g.col_rows(), g.out_plane()}, x.options());
+  for (int64_t n0 = 0; n0 < p.batch; n0 += chunk) {
+    const int64_t b = std::min(chunk, p.batch - n0);
+    const at::Tensor cols = workspace.narrow(0, 0, b);
+    backend.im2col(x.narrow(0, n0, b), cols, g);
+    for (int64_t i = 0; i < b; ++i) {
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        at::Tensor dst = slab(out_rows, n0 + i, groups, grp);
+        at::mm_out(dst, w.select(0, grp), slab(cols, i, groups, grp));
+      }
+    }
+  }
+  if (bias.has_value()) out.add_(bias->view({1, p.out_channels, 1, 1}));
+  return out;
+}
+
+at::Tensor padded_conv2d_grad_input(const ConvBackend& backend, const at::Tensor& grad_output,
+                                    const at::Tensor& input, const at::Tensor& weight,
+                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, int64_t groups,
+                                    std::string_view padding_mode) {
+  constexpr const char* op = "padded_conv2d_grad_input";
+  const ConvProblem p =
+      check_problem(op, backend, input, weight, stride, padding, dilation, groups, padding_mode);
+  const c10::OptionalDeviceGuard guard(input.device());
+  check_grad_output(op, grad_output, input, p);
+  const ConvGeometry& g = p.geometry;
+  const at::Tensor go =
+      grad_output.contiguous().view({p.batch, p.out_channels, g.out_plane()});
+  // (G, Cg*KH*KW, Cout/G): the transposed weight of each group.
+  const at::Tensor wt = weight.contiguous()
+                            .view({groups, p.out_channels / groups, -1})
+                            .transpose(1, 2);
+  at::Tensor grad_input = at::empty(input.sizes(), input.options());
+  const int64_t chunk = samples_per_chunk(p, input);
+  const at::Tensor workspace = at::empty({chunk, g.col_rows(), g.out_plane()}, input.options());
+  for (int64_t n0 = 0; n0 < p.batch; n0 += chunk) {
+    const int64_t b = std::min(chunk, p.batch - n0);
+    const at::Tensor cols = workspace.narrow(0, 0, b);
+    for (int64_t i = 0; i < b; ++i) {
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        at::Tensor dst = slab(cols, i, groups, grp);
+        at::mm_out(dst, wt.select(0, grp), slab(go, n0 + i, groups, grp));
+      }
+    }
+    backend.col2im(cols, grad_input.narrow(0, n0, b), g);
+  }
+  return grad_input;
+}
+
+at::Tensor padded_conv2d_grad_weight(const ConvBackend& backend, const at::Tensor& grad_output,
+                                     const at::Tensor& input, const at::Tensor& weight,
+                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t groups,
+                                     std::string_view padding_mode) {
+  constexpr const char* op = "padded_conv2d_grad_weight";
+  const ConvProblem p =
+      check_problem(op, backend, input, weight, stride, padding, dilation, groups, padding_mode);
+  const c10::OptionalDeviceGuard guard(input.device());
+  check_grad_output(op, grad_output, input, p);
+  const ConvGeometry& g = p.geometry;
+  const at::Tensor x = input.contiguous();
+  const at::Tensor go =
+      grad_output.contiguous().view({p.batch, p.out_channels, g.out_plane()});
+  // Half and bfloat16 partial products are summed in float32; the sum runs over
+  // samples in a fixed order, so the result is deterministic.
+  const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());
+  at::Tensor acc = at::zeros({groups, p.out_channels / groups, g.col_rows() / groups},
+                             input.options().dtype(acc_type));
+  const int64_t chunk = samples_per_chunk(p, x);
+  const at::Tensor workspace = at::empty({chunk, g.col_rows(), g.out_plane()}, x.options());
+  for (int64_t n0 = 0; n0 < p.batch; n0 += chunk) {
+    const int64_t b = std::min(chunk, p.batch - n0);
+    const at::Tensor cols = workspace.narrow(0, 0, b);
+    backend.im2col(x.narrow(0, n0, b), cols, g);
+    for (int64_t i = 0; i < b; ++i) {
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        at::Tensor dst = acc.select(0, grp);
+        const at::Tensor go_slab = slab(go, n0 + i, groups, grp);
+        const at::Tensor cols_t = slab(cols, i, groups, grp).t();
+        if (acc_type == input.scalar_type()) {
+          dst.addmm_(go_slab, cols_t);
+        } else {
+          dst.add_(at::mm(go_slab, cols_t));
+        }
+      }
+    }
+  }
+  return acc.view(weight.sizes()).to(input.scalar_type());
+}
+
+}  // namespace pyattn

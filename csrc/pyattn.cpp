@@ -1,0 +1,42 @@
+// Schemas of every pyattn op and the pybind11 module pyattn._C.
+// Kernels register themselves per backend (cpu/, cuda/); fake kernels and
+// autograd are registered in Python (pyattn/ops/).
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#ifndef PYATTN_CUDA_ARCHS
+#define PYATTN_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(pyattn, m) {
+  m.def(
+      "padded_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[4] padding, "
+      "int[2] dilation, int groups, str padding_mode) -> Tensor");
+  m.def(
+      "padded_conv2d_grad_input(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
+      "int[4] padding, int[2] dilation, int groups, str padding_mode) -> Tensor");
+  m.def(
+      "padded_conv2d_grad_weight(Tensor grad_output, Tensor input, Tensor weight, "
+      "int[2] stride, int[4] padding, int[2] dilation, int groups, str padding_mode) -> Tensor");
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "pyattn compiled kernels; the ops are torch.ops.pyattn.*";
+  m.def("build_info", [] {
+    py::dict info;
+#ifdef PYATTN_WITH_CUDA
+    info["cuda"] = true;
+#else
+    info["cuda"] = false;
+#endif
+    info["cuda_archs"] = std::string(PYATTN_CUDA_ARCHS);
+#ifdef _OPENMP
+    info["openmp"] = true;
+#else
+    info["openmp"] = false;
+#endif
+    return info;
+  });
+}
