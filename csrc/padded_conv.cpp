@@ -4,8 +4,11 @@
 #include "pyattn/padded_conv.h"
 
 #include <ATen/OpMathType.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
@@ -124,9 +127,23 @@ void check_grad_output(const char* op, const at::Tensor& grad_output, const at::
               input.device(), ", got ", grad_output.device());
 }
 
-int64_t samples_per_chunk(const ConvProblem& p, const at::Tensor& input) {
-  const int64_t per_sample = p.geometry.cols_per_sample() * input.element_size();
+// Samples per chunk so that `per_sample_elements` per sample fit the workspace.
+int64_t samples_per_chunk(const ConvProblem& p, const at::Tensor& input,
+                          int64_t per_sample_elements) {
+  const int64_t per_sample = per_sample_elements * input.element_size();
   return std::clamp<int64_t>(kWorkspaceBytes / per_sample, 1, p.batch);
+}
+
+// f(i) for i in [0, count): in parallel on backends whose GEMMs run per thread.
+template <typename F>
+void for_each_sample(const ConvBackend& backend, int64_t count, const F& f) {
+  if (backend.gemm_per_thread) {
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) f(i);
+    });
+  } else {
+    for (int64_t i = 0; i < count; ++i) f(i);
+  }
 }
 
 // One (sample, group) slab of a (b, G * rows, cols) tensor as a 2-D matrix.
@@ -145,7 +162,9 @@ at::Tensor padded_conv2d_forward(const ConvBackend& backend, const at::Tensor& i
   constexpr const char* op = "padded_conv2d";
   const ConvProblem p =
       check_problem(op, backend, input, weight, stride, padding, dilation, groups, padding_mode);
-  const c10::OptionalDeviceGuard guard(input.device());
+  const c10::OptionalDeviceGuard device_guard(input.device());
+  // The kernels run below autograd; the ATen calls inside them must too.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == p.out_channels, op,
                       ": `bias` must have shape (", p.out_channels, "), got ", bias->sizes());
@@ -160,18 +179,18 @@ at::Tensor padded_conv2d_forward(const ConvBackend& backend, const at::Tensor& i
   at::Tensor out = at::empty({p.batch, p.out_channels, g.h.out_size, g.w.out_size},
                              input.options());
   const at::Tensor out_rows = out.view({p.batch, p.out_channels, g.out_plane()});
-  const int64_t chunk = samples_per_chunk(p, x);
+  const int64_t chunk = samples_per_chunk(p, x, g.cols_per_sample());
   const at::Tensor workspace = at::empty({chunk, g.col_rows(), g.out_plane()}, x.options());
   for (int64_t n0 = 0; n0 < p.batch; n0 += chunk) {
     const int64_t b = std::min(chunk, p.batch - n0);
     const at::Tensor cols = workspace.narrow(0, 0, b);
     backend.im2col(x.narrow(0, n0, b), cols, g);
-    for (int64_t i = 0; i < b; ++i) {
+    for_each_sample(backend, b, [&](int64_t i) {
       for (int64_t grp = 0; grp < groups; ++grp) {
         at::Tensor dst = slab(out_rows, n0 + i, groups, grp);
         at::mm_out(dst, w.select(0, grp), slab(cols, i, groups, grp));
       }
-    }
+    });
   }
   if (bias.has_value()) out.add_(bias->view({1, p.out_channels, 1, 1}));
   return out;
@@ -185,7 +204,9 @@ at::Tensor padded_conv2d_grad_input(const ConvBackend& backend, const at::Tensor
   constexpr const char* op = "padded_conv2d_grad_input";
   const ConvProblem p =
       check_problem(op, backend, input, weight, stride, padding, dilation, groups, padding_mode);
-  const c10::OptionalDeviceGuard guard(input.device());
+  const c10::OptionalDeviceGuard device_guard(input.device());
+  // The kernels run below autograd; the ATen calls inside them must too.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_grad_output(op, grad_output, input, p);
   const ConvGeometry& g = p.geometry;
   const at::Tensor go =
@@ -195,17 +216,17 @@ at::Tensor padded_conv2d_grad_input(const ConvBackend& backend, const at::Tensor
                             .view({groups, p.out_channels / groups, -1})
                             .transpose(1, 2);
   at::Tensor grad_input = at::empty(input.sizes(), input.options());
-  const int64_t chunk = samples_per_chunk(p, input);
+  const int64_t chunk = samples_per_chunk(p, input, g.cols_per_sample());
   const at::Tensor workspace = at::empty({chunk, g.col_rows(), g.out_plane()}, input.options());
   for (int64_t n0 = 0; n0 < p.batch; n0 += chunk) {
     const int64_t b = std::min(chunk, p.batch - n0);
     const at::Tensor cols = workspace.narrow(0, 0, b);
-    for (int64_t i = 0; i < b; ++i) {
+    for_each_sample(backend, b, [&](int64_t i) {
       for (int64_t grp = 0; grp < groups; ++grp) {
         at::Tensor dst = slab(cols, i, groups, grp);
         at::mm_out(dst, wt.select(0, grp), slab(go, n0 + i, groups, grp));
       }
-    }
+    });
     backend.col2im(cols, grad_input.narrow(0, n0, b), g);
   }
   return grad_input;
@@ -219,35 +240,35 @@ at::Tensor padded_conv2d_grad_weight(const ConvBackend& backend, const at::Tenso
   constexpr const char* op = "padded_conv2d_grad_weight";
   const ConvProblem p =
       check_problem(op, backend, input, weight, stride, padding, dilation, groups, padding_mode);
-  const c10::OptionalDeviceGuard guard(input.device());
+  const c10::OptionalDeviceGuard device_guard(input.device());
+  // The kernels run below autograd; the ATen calls inside them must too.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_grad_output(op, grad_output, input, p);
   const ConvGeometry& g = p.geometry;
   const at::Tensor x = input.contiguous();
   const at::Tensor go =
       grad_output.contiguous().view({p.batch, p.out_channels, g.out_plane()});
-  // Half and bfloat16 partial products are summed in float32; the sum runs over
-  // samples in a fixed order, so the result is deterministic.
+  // Per-sample products land in `partial` and are summed over samples in a
+  // fixed order (float32 for half / bfloat16): deterministic for any thread count.
   const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());
   at::Tensor acc = at::zeros({groups, p.out_channels / groups, g.col_rows() / groups},
                              input.options().dtype(acc_type));
-  const int64_t chunk = samples_per_chunk(p, x);
+  const int64_t chunk = std::min(samples_per_chunk(p, x, g.cols_per_sample()),
+                                 samples_per_chunk(p, x, weight.numel()));
   const at::Tensor workspace = at::empty({chunk, g.col_rows(), g.out_plane()}, x.options());
+  const at::Tensor partials = at::empty({chunk, groups, p.out_channels / groups,
+                                         g.col_rows() / groups}, x.options());
   for (int64_t n0 = 0; n0 < p.batch; n0 += chunk) {
     const int64_t b = std::min(chunk, p.batch - n0);
     const at::Tensor cols = workspace.narrow(0, 0, b);
     backend.im2col(x.narrow(0, n0, b), cols, g);
-    for (int64_t i = 0; i < b; ++i) {
+    for_each_sample(backend, b, [&](int64_t i) {
       for (int64_t grp = 0; grp < groups; ++grp) {
-        at::Tensor dst = acc.select(0, grp);
-        const at::Tensor go_slab = slab(go, n0 + i, groups, grp);
-        const at::Tensor cols_t = slab(cols, i, groups, grp).t();
-        if (acc_type == input.scalar_type()) {
-          dst.addmm_(go_slab, cols_t);
-        } else {
-          dst.add_(at::mm(go_slab, cols_t));
-        }
+        at::Tensor dst = partials.select(0, i).select(0, grp);
+        at::mm_out(dst, slab(go, n0 + i, groups, grp), slab(cols, i, groups, grp).t());
       }
-    }
+    });
+    acc.add_(partials.narrow(0, 0, b).sum(0, /*keepdim=*/false, acc_type));
   }
   return acc.view(weight.sizes()).to(input.scalar_type());
 }

@@ -5,6 +5,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "pyattn/padded_conv.h"
@@ -43,6 +44,16 @@ TapTable tap_table(const Axis& a, PadMode mode, int64_t tap_stride, int64_t out_
   return t;
 }
 
+// Output positions [begin, end) of tap k whose reads lie inside the tensor and,
+// at stride 1, are contiguous: that span is copied as a block.
+IndexRange interior(const Axis& a, int64_t k) {
+  if (a.stride != 1) return IndexRange{0, 0};
+  const int64_t shift = k * a.dilation - a.pad_before;  // source = o + shift
+  const int64_t begin = std::clamp<int64_t>(-shift, 0, a.out_size);
+  const int64_t end = std::clamp<int64_t>(a.size - shift, begin, a.out_size);
+  return IndexRange{begin, end};
+}
+
 template <typename T>
 void im2col_kernel(const T* input, T* cols, int64_t batch, const ConvGeometry& g) {
   const std::vector<int64_t> rows = source_table(g.h, g.mode);
@@ -57,6 +68,7 @@ void im2col_kernel(const T* input, T* cols, int64_t batch, const ConvGeometry& g
       const int64_t kh = (r / kw_count) % kh_count;
       const T* src = input + (r / (kw_count * kh_count)) * plane;
       const int64_t* col_src = columns.data() + kw * out_w;
+      const IndexRange block = interior(g.w, kw);
       T* dst = cols + r * out_h * out_w;
       for (int64_t oh = 0; oh < out_h; ++oh, dst += out_w) {
         const int64_t ih = rows[kh * out_h + oh];
@@ -65,13 +77,41 @@ void im2col_kernel(const T* input, T* cols, int64_t batch, const ConvGeometry& g
           continue;
         }
         const T* src_row = src + ih * g.w.size;
-        for (int64_t ow = 0; ow < out_w; ++ow) {
-          const int64_t iw = col_src[ow];
-          dst[ow] = iw < 0 ? T(0) : src_row[iw];
+        for (int64_t ow = 0; ow < block.begin; ++ow) {
+          dst[ow] = col_src[ow] < 0 ? T(0) : src_row[col_src[ow]];
+        }
+        if (block.end > block.begin) {
+          std::copy(src_row + col_src[block.begin], src_row + col_src[block.begin] +
+                    (block.end - block.begin), dst + block.begin);
+        }
+        for (int64_t ow = std::max(block.end, block.begin); ow < out_w; ++ow) {
+          dst[ow] = col_src[ow] < 0 ? T(0) : src_row[col_src[ow]];
         }
       }
     }
   });
+}
+
+// The source elements [begin, end) of an axis whose taps are exactly the
+// unpadded stride-1 ones, (k, s + pad_before - k * dilation) for every k: there
+// the gather is a shifted vector add per tap. Found from the table itself, so
+// it can only agree with for_each_tap.
+IndexRange plain_span(const Axis& a, const TapTable& t, int64_t tap_stride) {
+  auto plain = [&](int64_t s) {
+    if (a.stride != 1 || t.begin[s + 1] - t.begin[s] != a.kernel) return false;
+    for (int64_t k = 0; k < a.kernel; ++k) {
+      const int64_t o = s + a.pad_before - k * a.dilation;
+      if (o < 0 || o >= a.out_size || t.offset[t.begin[s] + k] != k * tap_stride + o) {
+        return false;
+      }
+    }
+    return true;
+  };
+  int64_t begin = 0;
+  while (begin < a.size && !plain(begin)) ++begin;
+  int64_t end = begin;
+  while (end < a.size && plain(end)) ++end;
+  return IndexRange{begin, end};
 }
 
 template <typename T>
@@ -79,22 +119,31 @@ void col2im_kernel(const T* cols, T* grad_input, int64_t batch, const ConvGeomet
   const int64_t out_plane = g.out_plane();
   const TapTable rows = tap_table(g.h, g.mode, g.w.kernel * out_plane, g.w.out_size);
   const TapTable columns = tap_table(g.w, g.mode, out_plane, 1);
+  const IndexRange span = plain_span(g.w, columns, out_plane);
   const int64_t channel_cols = g.h.kernel * g.w.kernel * out_plane;
+  const int64_t width = g.w.size;
   // One task per (sample, channel) plane: every input element is written once.
   at::parallel_for(0, batch * g.channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bc = begin; bc < end; ++bc) {
       const T* src = cols + bc * channel_cols;
-      T* dst = grad_input + bc * g.input_plane();
-      for (int64_t ih = 0; ih < g.h.size; ++ih) {
-        for (int64_t iw = 0; iw < g.w.size; ++iw) {
-          T acc = T(0);
-          for (int64_t a = rows.begin[ih]; a < rows.begin[ih + 1]; ++a) {
-            const T* src_row = src + rows.offset[a];
+      T* dst_row = grad_input + bc * g.input_plane();
+      for (int64_t ih = 0; ih < g.h.size; ++ih, dst_row += width) {
+        std::fill(dst_row, dst_row + width, T(0));
+        for (int64_t a = rows.begin[ih]; a < rows.begin[ih + 1]; ++a) {
+          const T* src_row = src + rows.offset[a];
+          for (int64_t kw = 0; kw < g.w.kernel && span.end > span.begin; ++kw) {
+            const T* shifted = src_row + kw * out_plane + g.w.pad_before - kw * g.w.dilation;
+            for (int64_t iw = span.begin; iw < span.end; ++iw) dst_row[iw] += shifted[iw];
+          }
+          for (int64_t iw = 0; iw < width; ++iw) {
+            if (iw == span.begin && span.end > span.begin) iw = span.end;
+            if (iw >= width) break;
+            T acc = T(0);
             for (int64_t b = columns.begin[iw]; b < columns.begin[iw + 1]; ++b) {
               acc += src_row[columns.offset[b]];
             }
+            dst_row[iw] += acc;
           }
-          dst[ih * g.w.size + iw] = acc;
         }
       }
     }
@@ -119,7 +168,8 @@ void col2im_cpu(const at::Tensor& cols, const at::Tensor& grad_input, const Conv
   });
 }
 
-constexpr ConvBackend kCpu{"CPU (float32, float64)", cpu_supports, im2col_cpu, col2im_cpu};
+constexpr ConvBackend kCpu{"CPU (float32, float64)", cpu_supports, im2col_cpu, col2im_cpu,
+                           /*gemm_per_thread=*/true};
 
 }  // namespace
 

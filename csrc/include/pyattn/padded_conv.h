@@ -22,6 +22,9 @@ struct ConvBackend {
   void (*im2col)(const at::Tensor& input, const at::Tensor& cols, const ConvGeometry& g);
   // cols: (b, C*KH*KW, Ho*Wo) contiguous -> grad_input: (b, C, H, W) contiguous, overwritten.
   void (*col2im)(const at::Tensor& cols, const at::Tensor& grad_input, const ConvGeometry& g);
+  // Run the per-sample GEMMs of a chunk in parallel, each single-threaded (CPU),
+  // rather than one after another on the device's stream (CUDA).
+  bool gemm_per_thread;
 };
 
 at::Tensor padded_conv2d_forward(const ConvBackend& backend, const at::Tensor& input,

@@ -1,0 +1,313 @@
+"""pyattn.padded_conv2d against F.pad + F.conv2d (pyattn.reference)."""
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+
+import pyattn
+from pyattn import reference
+from pyattn.profiling import peak_memory
+from conftest import CUDA, requires_cuda
+
+MODES = ["zeros", "reflect", "replicate", "circular"]
+# (h, w) paddings: symmetric 0..3 and asymmetric h != w.
+PADDINGS = [0, 1, 2, 3, (1, 2), (3, 0)]
+
+
+def _assert_close(got, exact, dtype, what):
+    """float64: tight; float32: relative to the result's magnitude (sums of
+    thousands of terms carry ~sqrt(n) eps of rounding)."""
+    scale = max(exact.abs().max().item(), 1.0)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(got.double(), exact.double(), rtol=tol, atol=tol * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def _check(x, w, b, stride, padding, dilation, groups, mode):
+    """Forward and all three gradients of pyattn against the float64 reference."""
+    dtype = x.dtype
+    inputs = [t.detach().requires_grad_() for t in (x, w, b) if t is not None]
+    exact_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    if b is None:
+        inputs.append(None)
+        exact_inputs.append(None)
+    out = pyattn.padded_conv2d(*inputs, stride, padding, dilation, groups, mode)
+    ref = reference.padded_conv2d(*exact_inputs, stride, padding, dilation, groups, mode)
+    _assert_close(out, ref, dtype, "forward")
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [t for t in inputs if t is not None], grad)
+    want = torch.autograd.grad(ref, [t for t in exact_inputs if t is not None], grad.double())
+    for name, g, r in zip(["input", "weight", "bias"], got, want):
+        _assert_close(g, r, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("dilation", [1, 2])
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_grid_float64(mode, padding, stride, dilation, kernel, groups):
+    x = torch.randn(2, 4, 11, 13, dtype=torch.float64)
+    w = torch.randn(6, 4 // groups, kernel, kernel, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64)
+    _check(x, w, b, stride, padding, dilation, groups, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 3, 7, 7), (3, 5, 17, 9), (2, 3, 32, 32)])
+def test_float32_odd_shapes(mode, shape):
+    x = torch.randn(shape)
+    kernel = 3 if min(shape[2:]) >= 3 else 1
+    pad = min(1, min(shape[2:]) - 1) if mode == "reflect" else 1
+    w = torch.randn(4, shape[1], kernel, kernel)
+    _check(x, w, torch.randn(4), 1, pad, 1, 1, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_rectangular_kernel_and_asymmetric_stride(mode):
+    x = torch.randn(2, 3, 9, 14, dtype=torch.float64)
+    w = torch.randn(5, 3, 2, 4, dtype=torch.float64)
+    _check(x, w, None, (2, 1), (1, 3), (2, 1), 1, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_contiguous_inputs(mode):
+    x = torch.randn(2, 13, 11, 6, dtype=torch.float64).permute(0, 3, 2, 1)  # (2, 6, 11, 13)
+    w = torch.randn(8, 3, 4, 3, dtype=torch.float64).transpose(2, 3)[::2]  # (4, 3, 3, 4)
+    assert not x.is_contiguous() and not w.is_contiguous()
+    _check(x, w, torch.randn(8, dtype=torch.float64)[::2], 1, 2, 1, 2, mode)
+    xl = torch.randn(3, 4, 10, 12, dtype=torch.float64).to(memory_format=torch.channels_last)
+    _check(xl, torch.randn(2, 4, 3, 3, dtype=torch.float64), None, 1, 1, 1, 1, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_contiguous_grad_output(mode):
+    x = torch.randn(2, 3, 8, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    out = pyattn.padded_conv2d(x, w, None, 1, 1, 1, 1, mode)
+    ref = reference.padded_conv2d(x, w, None, 1, 1, 1, 1, mode)
+    grad = torch.randn(9, 8, 4, 2, dtype=torch.float64).permute(3, 2, 1, 0)
+    assert grad.shape == out.shape and not grad.is_contiguous()
+    for g, r in zip(torch.autograd.grad(out, (x, w), grad), torch.autograd.grad(ref, (x, w), grad)):
+        torch.testing.assert_close(g, r)
+
+
+def test_unbatched_input_and_same_padding():
+    x = torch.randn(3, 10, 11, dtype=torch.float64)
+    w = torch.randn(2, 3, 4, 3, dtype=torch.float64)
+    out = pyattn.padded_conv2d(x, w, padding="same", dilation=(1, 2), padding_mode="reflect")
+    # 'same' pads dilation * (k - 1) in total, the odd one after (as PyTorch).
+    ref = reference.padded_conv2d(x[None], w, None, 1, (1, 2, 2, 2), (1, 2), 1, "reflect")[0]
+    assert out.shape == (2, 10, 11)
+    torch.testing.assert_close(out, ref)
+    valid = pyattn.padded_conv2d(x, w, padding="valid")
+    torch.testing.assert_close(valid, torch.nn.functional.conv2d(x, w))
+
+
+def test_workspace_chunking_and_padded_copy_is_never_made():
+    # Columns of one sample are 4.7 MB, so the 16 MiB workspace holds 3 samples
+    # and this batch runs in 22 chunks; the padded copy would be 40 MB.
+    x = torch.randn(64, 32, 64, 64)
+    w = torch.randn(4, 32, 3, 3)
+    out = pyattn.padded_conv2d(x, w, None, 1, 3, 1, 1, "reflect")
+    torch.testing.assert_close(out, reference.padded_conv2d(x, w, None, 1, 3, 1, 1, "reflect"),
+                               rtol=1e-4, atol=1e-4)
+    padded_bytes = 64 * 32 * 70 * 70 * 4
+    pyattn.padded_conv2d(x, w, None, 1, 3, 1, 1, "reflect")  # warm up
+    ours = peak_memory(lambda: pyattn.padded_conv2d(x, w, None, 1, 3, 1, 1, "reflect"))
+    theirs = peak_memory(lambda: reference.padded_conv2d(x, w, None, 1, 3, 1, 1, "reflect"))
+    assert ours < padded_bytes < theirs, (ours, padded_bytes, theirs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck(mode):
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: pyattn.padded_conv2d(x, w, b, (1, 2), (2, 1), (1, 2), 2, mode), (x, w, b))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck(mode):
+    x = torch.randn(2, 4, 7, 8, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    conv_args = ([2, 1], [2, 1, 0, 2], [1, 2], 2, mode)
+    torch.library.opcheck(torch.ops.pyattn.padded_conv2d, (x, w, b, *conv_args))
+    torch.library.opcheck(torch.ops.pyattn.padded_conv2d, (x, w, None, *conv_args))
+    grad = torch.randn_like(torch.ops.pyattn.padded_conv2d(x, w, b, *conv_args))
+    grad_args = (grad, x.detach(), w.detach(), *conv_args)
+    torch.library.opcheck(torch.ops.pyattn.padded_conv2d_grad_input, grad_args)
+    torch.library.opcheck(torch.ops.pyattn.padded_conv2d_grad_weight, grad_args)
+
+
+def test_deterministic_backward_across_thread_counts():
+    x = torch.randn(9, 8, 15, 15)
+    w = torch.randn(8, 8, 3, 3)
+    grad = torch.randn(9, 8, 15, 15)
+    args = ([1, 1], [1, 1, 1, 1], [1, 1], 1, "circular")
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, threads, 1):
+            torch.set_num_threads(n)
+            results.append([torch.ops.pyattn.padded_conv2d_grad_weight(grad, x, w, *args),
+                             torch.ops.pyattn.padded_conv2d_grad_input(grad, x, w, *args)])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_module_matches_nn_conv2d_and_state_dicts_load_both_ways(mode):
+    kwargs = dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=2,
+                  dilation=1, groups=2, bias=True, padding_mode=mode)
+    ours = pyattn.nn.PaddedConv2d(**kwargs)
+    theirs = nn.Conv2d(**kwargs)
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == \
+           [(k, v.shape) for k, v in theirs.state_dict().items()]
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 4, 9, 10)
+    torch.testing.assert_close(ours(x), theirs(x))
+    fresh = pyattn.nn.PaddedConv2d(**kwargs)
+    fresh.load_state_dict(theirs.state_dict())
+    torch.testing.assert_close(fresh(x), theirs(x))
+
+
+def test_module_init_matches_nn_conv2d():
+    torch.manual_seed(3)
+    ours = pyattn.nn.PaddedConv2d(8, 16, 3, padding_mode="circular")
+    torch.manual_seed(3)
+    theirs = nn.Conv2d(8, 16, 3, padding_mode="circular")
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
+
+
+def _net1(mode, pad):
+    def conv(c_in, c_out, stride=1):
+        return pyattn.nn.PaddedConv2d(c_in, c_out, 3, stride, pad, bias=False, padding_mode=mode)
+    return nn.Sequential(conv(3, 8), nn.ReLU(), conv(8, 8), nn.ReLU(), conv(8, 16), nn.ReLU(),
+                         conv(16, 16, 2), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+                         nn.Linear(16, 2))
+
+
+def test_compile_fullgraph_net1():
+    net = _net1("reflect", 2)
+    x = torch.randn(4, 3, 16, 16)
+    compiled = torch.compile(net, fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, net(x), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: pyattn.padded_conv2d(torch.randn(8, 8), torch.randn(4, 3, 3, 3)),
+     ValueError, "`input` to be a 4-D"),
+    (lambda: pyattn.padded_conv2d(torch.randn(1, 2, 3, 8, 8), torch.randn(4, 3, 3, 3)),
+     ValueError, "`input` to be a 4-D"),
+    (lambda: pyattn.padded_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3)),
+     ValueError, "`weight` to be a 4-D"),
+    (lambda: pyattn.padded_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3).double()),
+     TypeError, "same dtype"),
+    (lambda: pyattn.padded_conv2d(torch.randn(1, 3, 8, 8).half(), torch.randn(4, 3, 3, 3).half()),
+     TypeError, "not supported on CPU"),
+    (lambda: pyattn.padded_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 2, 3, 3)),
+     ValueError, "expects 2 input channels"),
+    (lambda: pyattn.padded_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 1, 3, 3), groups=2),
+     ValueError, "divisible by `groups`"),
+    (lambda: pyattn.padded_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), padding=-1),
+     ValueError, "`padding` must be >= 0"),
+    (lambda: pyattn.padded_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), stride=0),
+     ValueError, "`stride` must be >= 1"),
+    (lambda: pyattn.padded_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), padding=8,
+                                  padding_mode="reflect"),
+     ValueError, "reflect `padding` must be smaller than the input height"),
+    (lambda: pyattn.padded_conv2d(torch.randn(1, 3, 8, 4), torch.randn(4, 3, 3, 3), padding=5,
+                                  padding_mode="circular"),
+     ValueError, "circular `padding` must be at most"),
+    (lambda: pyattn.padded_conv2d(torch.randn(0, 3, 8, 8), torch.randn(4, 3, 3, 3)),
+     ValueError, "`input` must not be empty"),
+    (lambda: pyattn.padded_conv2d(torch.randn(1, 3, 2, 2), torch.randn(4, 3, 3, 3)),
+     ValueError, "smaller than the dilated kernel"),
+    (lambda: pyattn.padded_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3),
+                                  bias=torch.randn(3)),
+     ValueError, "`bias` must have shape"),
+    (lambda: pyattn.padded_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3),
+                                  padding_mode="mirror"),
+     ValueError, "`padding_mode` must be one of"),
+    (lambda: pyattn.padded_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), stride=(1, 2, 3)),
+     TypeError, "`stride` must be an int or a pair"),
+    (lambda: pyattn.padded_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), stride=2,
+                                  padding="same"),
+     ValueError, "needs stride 1"),
+    (lambda: torch.ops.pyattn.padded_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), None,
+                                            [1, 1], [1, 1], [1, 1], 1, "zeros"),
+     ValueError, "`padding` must have 4 values"),
+    (lambda: torch.ops.pyattn.padded_conv2d_grad_input(
+        torch.randn(1, 4, 5, 5), torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3),
+        [1, 1], [1, 1, 1, 1], [1, 1], 1, "zeros"),
+     ValueError, "`grad_output` must have shape"),
+])
+def test_bad_inputs_raise_clear_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_matches_reference(mode, dtype):
+    # Error against a float64 reference must stay within 2x (+ a floor) of
+    # PyTorch's own conv in the same dtype.
+    x = torch.randn(4, 8, 21, 19, device="cuda", dtype=torch.float64)
+    w = torch.randn(12, 4, 3, 3, device="cuda", dtype=torch.float64) / 6
+    b = torch.randn(12, device="cuda", dtype=torch.float64)
+    args = ((2, 1), 2, (1, 2), 2, mode)
+    exact = reference.padded_conv2d(x, w, b, *args)
+    torch_low = reference.padded_conv2d(x.to(dtype), w.to(dtype), b.to(dtype), *args)
+    ours = pyattn.padded_conv2d(x.to(dtype), w.to(dtype), b.to(dtype), *args)
+    err_torch = (torch_low.double() - exact).abs().max().item()
+    err_ours = (ours.double() - exact).abs().max().item()
+    assert err_ours <= 2 * err_torch + 1e-5, (err_ours, err_torch)
+    grads = []
+    for fn, dt in ((pyattn.padded_conv2d, dtype), (reference.padded_conv2d, dtype),
+                   (reference.padded_conv2d, torch.float64)):
+        xs, ws = x.to(dt).requires_grad_(), w.to(dt).requires_grad_()
+        out = fn(xs, ws, None, *args)
+        gx, gw = torch.autograd.grad(out, (xs, ws), torch.ones_like(out))
+        grads.append((gx.double(), gw.double()))
+    for (ours_g, torch_g, exact_g) in zip(*grads):
+        scale = exact_g.abs().max().item()
+        err_ours = (ours_g - exact_g).abs().max().item() / scale
+        err_torch = (torch_g - exact_g).abs().max().item() / scale
+        assert err_ours <= 2 * err_torch + 1e-5, (err_ours, err_torch)
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_float64_grid_and_gradcheck(mode):
+    for padding, stride, dilation, kernel in itertools.product([0, 1, (3, 2)], [1, 2], [1, 2], [1, 3, 5]):
+        x = torch.randn(2, 4, 11, 13, dtype=torch.float64, device="cuda")
+        w = torch.randn(6, 2, kernel, kernel, dtype=torch.float64, device="cuda")
+        _check(x, w, torch.randn(6, dtype=torch.float64, device="cuda"), stride, padding,
+               dilation, 2, mode)
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, device="cuda", requires_grad=True)
+    w = torch.randn(2, 2, 3, 3, dtype=torch.float64, device="cuda", requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: pyattn.padded_conv2d(x, w, None, 1, 2, 1, 1, mode), (x, w))
+    torch.library.opcheck(torch.ops.pyattn.padded_conv2d,
+                          (x, w, None, [1, 1], [2, 2, 2, 2], [1, 1], 1, mode))
+
+
+@requires_cuda
+def test_cuda_compile_and_device_errors():
+    net = _net1("circular", 2).cuda()
+    x = torch.randn(4, 3, 16, 16, device="cuda")
+    torch.testing.assert_close(torch.compile(net, fullgraph=True)(x), net(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="same device"):
+        pyattn.padded_conv2d(x, torch.randn(4, 3, 3, 3))
