@@ -49,16 +49,17 @@ def extension():
     sources = [os.path.relpath(p, ROOT) for p in
                sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
                + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"]  # the C++ standard is the one torch's build helper picks
     macros = []
     if build_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        # Comma-separated: a ';' inside the define would split the compiler command.
+        archs = ",".join(os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", " ").split())
         sources += [os.path.relpath(p, ROOT) for p in
                     sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
         macros += [("PYATTN_WITH_CUDA", None), ("PYATTN_CUDA_ARCHS", f'"{archs}"')]
         kind = cpp_extension.CUDAExtension
-        extra = {"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]}
+        extra = {"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]}
         print(f"pyattn build: CPU kernels (OpenMP) + CUDA kernels for {archs} ({reason})")
     else:
         kind = cpp_extension.CppExtension
@@ -79,7 +80,7 @@ setup(
     version="0.1.0",
     description="Fused padded conv2d, FlashAttention-style attention and CSR SpMM as torch ops",
     python_requires=">=3.10",
-    packages=["pyattn", "pyattn.ops", "pyattn.nn", "pyattn.kernels"],
+    packages=["pyattn", "pyattn.ops", "pyattn.nn", "pyattn.studies", "pyattn.kernels"],
     package_dir={"pyattn.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

@@ -4,6 +4,8 @@ Schemas and kernels are compiled in ``pyattn._C``; each module here adds the
 fake (meta) kernel and autograd formula of one op, so that the ops work under
 ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck``.
 """
+import torch  # noqa: F401  (loads libtorch, which pyattn._C links against)
+
 try:
     from pyattn import _C  # noqa: F401  (registers torch.ops.pyattn.*)
 except ImportError as error:  # pragma: no cover - only without a build

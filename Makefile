@@ -1,0 +1,55 @@
+# One command each: `make demo` (set up + main job), `make test` (set up + tests).
+# Each creates or reuses the virtual environment $(VENV).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CUDA_HOME ?= /usr/local/cuda
+CUDA_VENV ?= .venv-cuda-build
+SOURCES := setup.py $(shell find csrc -type f)
+
+.PHONY: setup build test demo bench cmake-check cuda-check clean
+
+setup: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade-strategy only-if-needed -r requirements.txt
+	touch $@
+
+# Editable install; ninja rebuilds only what changed.
+build: $(VENV)/.built
+$(VENV)/.built: $(VENV)/.installed $(SOURCES)
+	$(PY) -m pip install --no-build-isolation --no-deps -v -e . 2>&1 | grep -E "^pyattn build|error|Successfully installed" || true
+	$(PY) -c "import pyattn"
+	touch $@
+
+test: build
+	$(PY) -m pytest tests -q
+
+demo: build
+	$(PY) examples/cnn_padding.py --all --repeats 2 --epochs 15
+
+bench: build
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,rounds
+
+# The same extension through CMakeLists.txt, loaded and checked against F.conv2d.
+cmake-check: setup
+	$(VENV)/bin/cmake -S . -B build-cmake -G Ninja -DPython3_EXECUTABLE=$(abspath $(PY)) \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	$(VENV)/bin/cmake --build build-cmake
+	$(PY) .ci/check_extension.py build-cmake/_C*.so
+
+# Compile every .cu file for sm_80/sm_90 with nvcc against a CUDA build of torch,
+# via CMake, and load the result (no GPU needed).
+cuda-check:
+	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install -q -r requirements-cuda-build.txt
+	site=$$($(CUDA_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	export CUDA_HOME=$(CUDA_HOME) PATH=$(CUDA_HOME)/bin:$$PATH CPATH=$$site/nvidia/cu13/include; \
+	$(CUDA_VENV)/bin/cmake -S . -B build-cuda -G Ninja -DPython3_EXECUTABLE=$(abspath $(CUDA_VENV))/bin/python \
+	  -DCMAKE_PREFIX_PATH="$$($(CUDA_VENV)/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+	  -DCUDA_nvrtc_LIBRARY=$$site/nvidia/cu13/lib/libnvrtc.so.13 -DPYATTN_WITH_CUDA=ON && \
+	$(CUDA_VENV)/bin/cmake --build build-cuda
+	$(CUDA_VENV)/bin/python .ci/check_extension.py build-cuda/_C*.so --cuda
+
+clean:
+	rm -rf build build-cmake build-cuda pyattn/_C*.so *.egg-info $(VENV)/.built
