@@ -12,13 +12,15 @@ SOURCES := setup.py $(shell find csrc -type f)
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade-strategy only-if-needed -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
 # Editable install; ninja rebuilds only what changed.
 build: $(VENV)/.built
 $(VENV)/.built: $(VENV)/.installed $(SOURCES)
-	$(PY) -m pip install --no-build-isolation --no-deps -v -e . 2>&1 | grep -E "^pyattn build|error|Successfully installed" || true
+	$(PY) -m pip install --no-build-isolation --no-deps -v -e . > $(VENV)/build.log 2>&1 \
+	  || { tail -60 $(VENV)/build.log; exit 1; }
+	grep -h "pyattn build:" $(VENV)/build.log | head -1
 	$(PY) -c "import pyattn"
 	touch $@
 

@@ -1,0 +1,41 @@
+"""Turn a pytest-benchmark JSON report into a Markdown table: per group, pyattn
+against the other implementations (median time, speedup, peak memory).
+
+    python benchmarks/summarize.py report.json > table.md
+"""
+import argparse
+import collections
+import json
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("report", help="JSON written by pytest --benchmark-json")
+    args = parser.parse_args(argv)
+    with open(args.report) as f:
+        report = json.load(f)
+    groups = collections.OrderedDict()
+    for bench in report["benchmarks"]:
+        groups.setdefault(bench["group"], {})[bench["extra_info"]["impl"]] = bench
+    machine = report.get("machine_info", {})
+    print(f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}, "
+          f"{machine.get('cpu', {}).get('count', '?')} CPUs; "
+          f"date {report.get('datetime', '?')[:10]}")
+    print()
+    print("| benchmark | impl | median ms | speedup of pyattn | peak MiB |")
+    print("| --- | --- | --- | --- | --- |")
+    for group, impls in groups.items():
+        ours = impls.get("pyattn")
+        for impl, bench in sorted(impls.items(), key=lambda kv: kv[0] != "pyattn"):
+            median = bench["stats"]["median"] * 1e3
+            speedup = ""
+            if ours is not None and impl != "pyattn":
+                speedup = f"{bench['stats']['median'] / ours['stats']['median']:.2f}x"
+            peak = bench["extra_info"].get("peak_memory_mb")
+            peak_text = f"{peak:.1f}" if peak is not None else ""
+            print(f"| {group} | {impl} | {median:.2f} | {speedup} | {peak_text} |")
+
+
+if __name__ == "__main__":
+    main()
