@@ -18,9 +18,10 @@
 namespace pyattn {
 namespace {
 
-// Column workspace per chunk of samples. At least one sample is processed at a
-// time, so the workspace is max(this, one sample's columns): far below the
-// batch-sized padded copy that F.pad + conv2d allocates.
+// Column workspace per chunk of samples on CUDA. At least one sample is
+// processed at a time, so the workspace is max(this, one sample's columns): far
+// below the batch-sized padded copy that F.pad + conv2d allocates. The CPU
+// backend holds one sample's columns per thread.
 constexpr int64_t kWorkspaceBytes = 16 << 20;
 
 PadMode parse_padding_mode(std::string_view mode) {
@@ -127,22 +128,45 @@ void check_grad_output(const char* op, const at::Tensor& grad_output, const at::
               input.device(), ", got ", grad_output.device());
 }
 
-// Samples per chunk so that `per_sample_elements` per sample fit the workspace.
-int64_t samples_per_chunk(const ConvProblem& p, const at::Tensor& input,
-                          int64_t per_sample_elements) {
-  const int64_t per_sample = per_sample_elements * input.element_size();
-  return std::clamp<int64_t>(kWorkspaceBytes / per_sample, 1, p.batch);
+// Blocks of samples the CPU backend splits a batch into. Set by the batch size
+// alone, so per-block partial sums (grad weight) are added in the same order
+// whatever the thread count: results are deterministic.
+constexpr int64_t kMaxBlocks = 32;
+
+int64_t block_count(const ConvBackend& backend, const ConvProblem& p) {
+  return backend.gemm_per_thread ? std::min(p.batch, kMaxBlocks) : 1;
 }
 
-// f(i) for i in [0, count): in parallel on backends whose GEMMs run per thread.
+// Calls body(block, first_sample, count, cols) over sample ranges covering the
+// batch, `cols` a (count, C*KH*KW, Ho*Wo) workspace the body may overwrite.
+// CPU (gemm_per_thread): blocks run in parallel, each one sample at a time in
+// its thread's workspace, so columns stay in cache between im2col and GEMM and
+// each GEMM runs single-threaded. CUDA: chunks of samples whose columns fit
+// kWorkspaceBytes, in order on the stream, all in block 0.
 template <typename F>
-void for_each_sample(const ConvBackend& backend, int64_t count, const F& f) {
+void for_each_chunk(const ConvBackend& backend, const ConvProblem& p,
+                    const at::TensorOptions& options, const F& body) {
+  const ConvGeometry& g = p.geometry;
   if (backend.gemm_per_thread) {
-    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) f(i);
+    const int64_t blocks = block_count(backend, p);
+    const at::Tensor workspace =
+        at::empty({at::get_num_threads(), 1, g.col_rows(), g.out_plane()}, options);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      const at::Tensor cols = workspace.select(0, at::get_thread_num());
+      for (int64_t block = begin; block < end; ++block) {
+        for (int64_t n = p.batch * block / blocks; n < p.batch * (block + 1) / blocks; ++n) {
+          body(block, n, 1, cols);
+        }
+      }
     });
-  } else {
-    for (int64_t i = 0; i < count; ++i) f(i);
+    return;
+  }
+  const int64_t bytes = g.cols_per_sample() * options.dtype().itemsize();
+  const int64_t chunk = std::clamp<int64_t>(kWorkspaceBytes / bytes, 1, p.batch);
+  const at::Tensor workspace = at::empty({chunk, g.col_rows(), g.out_plane()}, options);
+  for (int64_t n0 = 0; n0 < p.batch; n0 += chunk) {
+    const int64_t count = std::min(chunk, p.batch - n0);
+    body(0, n0, count, workspace.narrow(0, 0, count));
   }
 }
 
@@ -179,19 +203,16 @@ at::Tensor padded_conv2d_forward(const ConvBackend& backend, const at::Tensor& i
   at::Tensor out = at::empty({p.batch, p.out_channels, g.h.out_size, g.w.out_size},
                              input.options());
   const at::Tensor out_rows = out.view({p.batch, p.out_channels, g.out_plane()});
-  const int64_t chunk = samples_per_chunk(p, x, g.cols_per_sample());
-  const at::Tensor workspace = at::empty({chunk, g.col_rows(), g.out_plane()}, x.options());
-  for (int64_t n0 = 0; n0 < p.batch; n0 += chunk) {
-    const int64_t b = std::min(chunk, p.batch - n0);
-    const at::Tensor cols = workspace.narrow(0, 0, b);
-    backend.im2col(x.narrow(0, n0, b), cols, g);
-    for_each_sample(backend, b, [&](int64_t i) {
+  for_each_chunk(backend, p, x.options(), [&](int64_t, int64_t n0, int64_t count,
+                                                const at::Tensor& cols) {
+    backend.im2col(x.narrow(0, n0, count), cols, g);
+    for (int64_t i = 0; i < count; ++i) {
       for (int64_t grp = 0; grp < groups; ++grp) {
         at::Tensor dst = slab(out_rows, n0 + i, groups, grp);
         at::mm_out(dst, w.select(0, grp), slab(cols, i, groups, grp));
       }
-    });
-  }
+    }
+  });
   if (bias.has_value()) out.add_(bias->view({1, p.out_channels, 1, 1}));
   return out;
 }
@@ -216,19 +237,16 @@ at::Tensor padded_conv2d_grad_input(const ConvBackend& backend, const at::Tensor
                             .view({groups, p.out_channels / groups, -1})
                             .transpose(1, 2);
   at::Tensor grad_input = at::empty(input.sizes(), input.options());
-  const int64_t chunk = samples_per_chunk(p, input, g.cols_per_sample());
-  const at::Tensor workspace = at::empty({chunk, g.col_rows(), g.out_plane()}, input.options());
-  for (int64_t n0 = 0; n0 < p.batch; n0 += chunk) {
-    const int64_t b = std::min(chunk, p.batch - n0);
-    const at::Tensor cols = workspace.narrow(0, 0, b);
-    for_each_sample(backend, b, [&](int64_t i) {
+  for_each_chunk(backend, p, input.options(), [&](int64_t, int64_t n0, int64_t count,
+                                                    const at::Tensor& cols) {
+    for (int64_t i = 0; i < count; ++i) {
       for (int64_t grp = 0; grp < groups; ++grp) {
         at::Tensor dst = slab(cols, i, groups, grp);
         at::mm_out(dst, wt.select(0, grp), slab(go, n0 + i, groups, grp));
       }
-    });
-    backend.col2im(cols, grad_input.narrow(0, n0, b), g);
-  }
+    }
+    backend.col2im(cols, grad_input.narrow(0, n0, count), g);
+  });
   return grad_input;
 }
 
@@ -248,28 +266,29 @@ at::Tensor padded_conv2d_grad_weight(const ConvBackend& backend, const at::Tenso
   const at::Tensor x = input.contiguous();
   const at::Tensor go =
       grad_output.contiguous().view({p.batch, p.out_channels, g.out_plane()});
-  // Per-sample products land in `partial` and are summed over samples in a
-  // fixed order (float32 for half / bfloat16): deterministic for any thread count.
+  // Each block of samples sums its products into its own partial (float32 for
+  // half / bfloat16); the partials are then added in block order.
   const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());
-  at::Tensor acc = at::zeros({groups, p.out_channels / groups, g.col_rows() / groups},
-                             input.options().dtype(acc_type));
-  const int64_t chunk = std::min(samples_per_chunk(p, x, g.cols_per_sample()),
-                                 samples_per_chunk(p, x, weight.numel()));
-  const at::Tensor workspace = at::empty({chunk, g.col_rows(), g.out_plane()}, x.options());
-  const at::Tensor partials = at::empty({chunk, groups, p.out_channels / groups,
-                                         g.col_rows() / groups}, x.options());
-  for (int64_t n0 = 0; n0 < p.batch; n0 += chunk) {
-    const int64_t b = std::min(chunk, p.batch - n0);
-    const at::Tensor cols = workspace.narrow(0, 0, b);
-    backend.im2col(x.narrow(0, n0, b), cols, g);
-    for_each_sample(backend, b, [&](int64_t i) {
+  const at::Tensor partials =
+      at::zeros({block_count(backend, p), groups, p.out_channels / groups, g.col_rows() / groups},
+                input.options().dtype(acc_type));
+  for_each_chunk(backend, p, x.options(), [&](int64_t block, int64_t n0, int64_t count,
+                                              const at::Tensor& cols) {
+    backend.im2col(x.narrow(0, n0, count), cols, g);
+    for (int64_t i = 0; i < count; ++i) {
       for (int64_t grp = 0; grp < groups; ++grp) {
-        at::Tensor dst = partials.select(0, i).select(0, grp);
-        at::mm_out(dst, slab(go, n0 + i, groups, grp), slab(cols, i, groups, grp).t());
+        at::Tensor dst = partials.select(0, block).select(0, grp);
+        const at::Tensor go_slab = slab(go, n0 + i, groups, grp);
+        const at::Tensor cols_t = slab(cols, i, groups, grp).t();
+        if (acc_type == input.scalar_type()) {
+          dst.addmm_(go_slab, cols_t);
+        } else {
+          dst.add_(at::mm(go_slab, cols_t));
+        }
       }
-    });
-    acc.add_(partials.narrow(0, 0, b).sum(0, /*keepdim=*/false, acc_type));
-  }
+    }
+  });
+  const at::Tensor acc = partials.sum(0);
   return acc.view(weight.sizes()).to(input.scalar_type());
 }
 

@@ -107,8 +107,8 @@ def test_unbatched_input_and_same_padding():
 
 
 def test_workspace_chunking_and_padded_copy_is_never_made():
-    # Columns of one sample are 4.7 MB, so the 16 MiB workspace holds 3 samples
-    # and this batch runs in 22 chunks; the padded copy would be 40 MB.
+    # The workspace holds one sample's columns (4.7 MB) per thread on CPU (3
+    # samples per chunk on CUDA); the padded copy would be 40 MB.
     x = torch.randn(64, 32, 64, 64)
     w = torch.randn(4, 32, 3, 3)
     out = pyattn.padded_conv2d(x, w, None, 1, 3, 1, 1, "reflect")
