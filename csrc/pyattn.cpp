@@ -18,6 +18,15 @@ TORCH_LIBRARY(pyattn, m) {
   m.def(
       "padded_conv2d_grad_weight(Tensor grad_output, Tensor input, Tensor weight, "
       "int[2] stride, int[4] padding, int[2] dilation, int groups, str padding_mode) -> Tensor");
+  // Returns (out, lse): lse in float32 (float64 for float64 inputs), -inf for
+  // rows that see no key. The Triton backend has the same ops under
+  // flash_attention_triton_* (registered from Python).
+  m.def(
+      "flash_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace py = pybind11;

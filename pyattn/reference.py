@@ -17,3 +17,28 @@ def padded_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, gro
     mode = "constant" if padding_mode == "zeros" else padding_mode
     padded = F.pad(input, (left, right, top, bottom), mode=mode)
     return F.conv2d(padded, weight, bias, stride, 0, dilation, groups)
+
+
+def attention(q, k, v, causal=False, scale=None):
+    """Math attention softmax(q k^T * scale) v with materialised scores, in float64.
+
+    q: (B, H, Nq, D); k, v: (B, KVH, Nk, D) with KVH dividing H (grouped-query).
+    Causal masking aligns the last query with the last key; a row that sees no
+    key gives zeros and lse = -inf. Returns (out in q's dtype, lse float64).
+    """
+    heads, kv_heads = q.shape[1], k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qd, kd, vd = q.double(), k.double(), v.double()
+    if kv_heads != heads:
+        kd = kd.repeat_interleave(heads // kv_heads, dim=1)
+        vd = vd.repeat_interleave(heads // kv_heads, dim=1)
+    scores = qd @ kd.transpose(-1, -2) * scale
+    if causal:
+        seq_q, seq_k = q.shape[2], k.shape[2]
+        rows = torch.arange(seq_q, device=q.device)[:, None]
+        cols = torch.arange(seq_k, device=q.device)[None, :]
+        scores = scores.masked_fill(cols > rows + (seq_k - seq_q), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None].masked_fill(lse[..., None].isinf(), 0.0))
+    out = probs @ vd
+    return out.to(q.dtype), lse

@@ -1,0 +1,346 @@
+// FlashAttention-style attention on the CPU (float32, float64): tiles of
+// queries stream over tiles of keys and values with an online softmax, so only
+// the row log-sum-exp (O(seq)) is kept for backward; the backward recomputes
+// the probabilities tile by tile. No seq_q x seq_k buffer is ever allocated:
+// each thread holds one kBlockQ x kBlockK tile.
+//
+// Parallel over (batch, head, query tile) in forward and dq, over (batch,
+// kv head, key tile) in dk / dv, which loop over the query heads that share the
+// kv head: every output element is written by one task, with no atomics, so
+// results are deterministic.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "pyattn/attention_tiles.h"
+#include "pyattn/cpu_math.h"
+
+namespace pyattn {
+namespace {
+
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 64;
+
+struct Problem {
+  int64_t batch, heads, kv_heads, seq_q, seq_k, dim;
+  bool causal;
+  double scale;
+};
+
+// A (batch, heads, seq, dim) tensor with unit stride along dim.
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t batch_stride, head_stride, row_stride;
+  T* at(int64_t b, int64_t h, int64_t i) const {
+    return data + b * batch_stride + h * head_stride + i * row_stride;
+  }
+};
+
+template <typename T>
+Rows<T> rows_of(const at::Tensor& t) {
+  return Rows<T>{const_cast<T*>(t.const_data_ptr<T>()), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// Unit stride along head_dim and a row stride BLAS can take (an int) are all
+// the kernels need; copy only if missing.
+at::Tensor with_unit_last_stride(const at::Tensor& t) {
+  const bool usable = t.stride(-1) == 1 && t.stride(-2) <= std::numeric_limits<int>::max();
+  return usable ? t : t.contiguous();
+}
+
+Problem check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, bool causal, double scale) {
+  TORCH_CHECK_VALUE(q.dim() == 4, op, ": `q` must be a 4-D tensor (batch, heads, seq_q, head_dim), "
+                    "got ", q.dim(), "-D");
+  TORCH_CHECK_VALUE(k.dim() == 4, op, ": `k` must be a 4-D tensor (batch, kv_heads, seq_k, "
+                    "head_dim), got ", k.dim(), "-D");
+  TORCH_CHECK_VALUE(v.dim() == 4, op, ": `v` must be a 4-D tensor (batch, kv_heads, seq_k, "
+                    "head_dim), got ", v.dim(), "-D");
+  TORCH_CHECK_TYPE(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
+                   ": `q`, `k`, `v` must have one dtype, got ", q.scalar_type(), ", ",
+                   k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, op,
+                   ": the C++ CPU kernel supports float32 and float64, got ", q.scalar_type());
+  TORCH_CHECK(q.device() == k.device() && q.device() == v.device(), op,
+              ": `q`, `k`, `v` must be on one device, got ", q.device(), ", ", k.device(), ", ",
+              v.device());
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), op, ": `k` and `v` must have the same shape, got ",
+                    k.sizes(), " and ", v.sizes());
+  TORCH_CHECK_VALUE(q.size(0) == k.size(0), op, ": batch of `q` (", q.size(0),
+                    ") and `k` (", k.size(0), ") differ");
+  TORCH_CHECK_VALUE(q.size(3) == k.size(3), op, ": head_dim of `q` (", q.size(3),
+                    ") and `k` (", k.size(3), ") differ");
+  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": heads of `q` (",
+                    q.size(1), ") must be a multiple of kv_heads of `k` (", k.size(1), ")");
+  const int64_t dim = q.size(3);
+  TORCH_CHECK_VALUE(dim > 0 && dim % 8 == 0 && dim <= 256, op,
+                    ": head_dim must be a multiple of 8 up to 256, got ", dim);
+  TORCH_CHECK_VALUE(q.size(0) > 0 && q.size(1) > 0 && q.size(2) > 0 && k.size(2) > 0, op,
+                    ": batch, heads and sequence lengths must be >= 1, got q ", q.sizes(),
+                    ", k ", k.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": `scale` must be finite, got ", scale);
+  return Problem{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), dim, causal, scale};
+}
+
+// Keys [0, end) that some query of the tile [i0, i0 + rows) sees.
+int64_t tile_key_end(const Problem& p, int64_t i0, int64_t rows) {
+  return p.causal ? causal_key_end(i0 + rows - 1, p.seq_q, p.seq_k) : p.seq_k;
+}
+
+// Columns [0, limit) of tile row i (keys j0...) that query i sees.
+int64_t row_limit(const Problem& p, int64_t i, int64_t j0, int64_t cols) {
+  if (!p.causal) return cols;
+  return std::clamp<int64_t>(causal_key_end(i, p.seq_q, p.seq_k) - j0, 0, cols);
+}
+
+template <typename T>
+void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tensor& v_t,
+                    const at::Tensor& out_t, const at::Tensor& lse_t, const Problem& p) {
+  using Acc = at::opmath_type<T>;
+  const Rows<T> q = rows_of<T>(q_t), k = rows_of<T>(k_t), v = rows_of<T>(v_t);
+  const Rows<T> out = rows_of<T>(out_t);
+  Acc* lse = lse_t.mutable_data_ptr<Acc>();
+  const int64_t d = p.dim, group = p.heads / p.kv_heads;
+  const int64_t q_tiles = (p.seq_q + kBlockQ - 1) / kBlockQ;
+  const Acc scale = static_cast<Acc>(p.scale);
+  constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
+  at::parallel_for(0, p.batch * p.heads * q_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> scores(kBlockQ * kBlockK), acc(kBlockQ * d), row_max(kBlockQ),
+        row_sum(kBlockQ);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t tile = task % q_tiles, bh = task / q_tiles;
+      const int64_t b = bh / p.heads, h = bh % p.heads, kvh = h / group;
+      const int64_t i0 = tile * kBlockQ, rows = std::min(kBlockQ, p.seq_q - i0);
+      std::fill(acc.begin(), acc.end(), Acc(0));
+      std::fill(row_max.begin(), row_max.end(), kNegInf);
+      std::fill(row_sum.begin(), row_sum.end(), Acc(0));
+      const int64_t key_end = tile_key_end(p, i0, rows);
+      for (int64_t j0 = 0; j0 < key_end; j0 += kBlockK) {
+        const int64_t cols = std::min(kBlockK, key_end - j0);
+        cpu::gemm<Acc>(false, true, rows, cols, d, scale, q.at(b, h, i0), q.row_stride,
+                       k.at(b, kvh, j0), k.row_stride, Acc(0), scores.data(), kBlockK);
+        for (int64_t r = 0; r < rows; ++r) {
+          Acc* s = scores.data() + r * kBlockK;
+          const int64_t limit = row_limit(p, i0 + r, j0, cols);
+          Acc tile_max = kNegInf;
+          for (int64_t c = 0; c < limit; ++c) tile_max = std::max(tile_max, s[c]);
+          const Acc new_max = std::max(row_max[r], tile_max);
+          if (new_max == kNegInf) {  // nothing visible yet: keep zeros, never exp(-inf + inf)
+            std::fill(s, s + cols, Acc(0));
+            continue;
+          }
+          Acc sum = 0;
+          for (int64_t c = 0; c < limit; ++c) {
+            s[c] = cpu::exp_of(s[c] - new_max);
+            sum += s[c];
+          }
+          std::fill(s + limit, s + cols, Acc(0));
+          const Acc alpha = cpu::exp_of(row_max[r] - new_max);  // 0 when row_max is -inf
+          row_sum[r] = row_sum[r] * alpha + sum;
+          row_max[r] = new_max;
+          if (alpha != Acc(1)) {
+            for (int64_t c = 0; c < d; ++c) acc[r * d + c] *= alpha;
+          }
+        }
+        cpu::gemm<Acc>(false, false, rows, d, cols, Acc(1), scores.data(), kBlockK,
+                       v.at(b, kvh, j0), v.row_stride, Acc(1), acc.data(), d);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        T* o = out.at(b, h, i0 + r);
+        Acc* l = lse + (b * p.heads + h) * p.seq_q + i0 + r;
+        if (row_sum[r] == Acc(0)) {  // no visible key: output 0, lse -inf
+          std::fill(o, o + d, T(0));
+          *l = kNegInf;
+          continue;
+        }
+        const Acc inv = Acc(1) / row_sum[r];
+        for (int64_t c = 0; c < d; ++c) o[c] = static_cast<T>(acc[r * d + c] * inv);
+        *l = row_max[r] + std::log(row_sum[r]);
+      }
+    }
+  });
+}
+
+// P = exp(S - lse) and dS = P * (dP - delta) for one tile, in place:
+// `s` holds scale * Q K^T on entry and dS on exit, `p` receives P, `dp` holds dO V^T.
+template <typename Acc>
+void softmax_grad_tile(const Problem& p, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+                       const Acc* lse, const Acc* delta, Acc* s, Acc* prob, const Acc* dp) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t limit = std::isinf(lse[r]) ? 0 : row_limit(p, i0 + r, j0, cols);
+    Acc* sr = s + r * kBlockK;
+    Acc* pr = prob + r * kBlockK;
+    const Acc* dpr = dp + r * kBlockK;
+    for (int64_t c = 0; c < limit; ++c) {
+      pr[c] = cpu::exp_of(sr[c] - lse[r]);
+      sr[c] = pr[c] * (dpr[c] - delta[r]);
+    }
+    std::fill(pr + limit, pr + cols, Acc(0));
+    std::fill(sr + limit, sr + cols, Acc(0));
+  }
+}
+
+template <typename T>
+void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::Tensor& k_t,
+                     const at::Tensor& v_t, const at::Tensor& out_t, const at::Tensor& lse_t,
+                     const at::Tensor& dq_t, const at::Tensor& dk_t, const at::Tensor& dv_t,
+                     const Problem& p) {
+  using Acc = at::opmath_type<T>;
+  static_assert(std::is_same_v<Acc, T>, "the CPU kernels accumulate in their own dtype");
+  const Rows<T> q = rows_of<T>(q_t), k = rows_of<T>(k_t), v = rows_of<T>(v_t);
+  const Rows<T> go = rows_of<T>(grad_t), out = rows_of<T>(out_t);
+  const Rows<T> dq = rows_of<T>(dq_t), dk = rows_of<T>(dk_t), dv = rows_of<T>(dv_t);
+  const Acc* lse = lse_t.const_data_ptr<Acc>();
+  const int64_t d = p.dim, group = p.heads / p.kv_heads;
+  const Acc scale = static_cast<Acc>(p.scale);
+
+  // delta_i = rowsum(dO_i * O_i), the softmax-gradient correction (O(seq) memory).
+  std::vector<Acc> delta(p.batch * p.heads * p.seq_q);
+  at::parallel_for(0, p.batch * p.heads * p.seq_q, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t x = begin; x < end; ++x) {
+      const int64_t i = x % p.seq_q, bh = x / p.seq_q;
+      const T* o = out.at(bh / p.heads, bh % p.heads, i);
+      const T* g = go.at(bh / p.heads, bh % p.heads, i);
+      Acc sum = 0;
+      for (int64_t c = 0; c < d; ++c) sum += static_cast<Acc>(o[c]) * static_cast<Acc>(g[c]);
+      delta[x] = sum;
+    }
+  });
+  auto row_stats = [&](int64_t b, int64_t h, int64_t i0) {
+    const int64_t offset = (b * p.heads + h) * p.seq_q + i0;
+    return std::make_pair(lse + offset, delta.data() + offset);
+  };
+
+  // dq: one task per (batch, head, query tile), streaming over key tiles.
+  const int64_t q_tiles = (p.seq_q + kBlockQ - 1) / kBlockQ;
+  at::parallel_for(0, p.batch * p.heads * q_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> s(kBlockQ * kBlockK), prob(kBlockQ * kBlockK), dp(kBlockQ * kBlockK);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t tile = task % q_tiles, bh = task / q_tiles;
+      const int64_t b = bh / p.heads, h = bh % p.heads, kvh = h / group;
+      const int64_t i0 = tile * kBlockQ, rows = std::min(kBlockQ, p.seq_q - i0);
+      T* dq_rows = dq.at(b, h, i0);
+      for (int64_t r = 0; r < rows; ++r) std::fill(dq_rows + r * dq.row_stride,
+                                                   dq_rows + r * dq.row_stride + d, T(0));
+      const auto [tile_lse, tile_delta] = row_stats(b, h, i0);
+      const int64_t key_end = tile_key_end(p, i0, rows);
+      for (int64_t j0 = 0; j0 < key_end; j0 += kBlockK) {
+        const int64_t cols = std::min(kBlockK, key_end - j0);
+        cpu::gemm<Acc>(false, true, rows, cols, d, scale, q.at(b, h, i0), q.row_stride,
+                       k.at(b, kvh, j0), k.row_stride, Acc(0), s.data(), kBlockK);
+        cpu::gemm<Acc>(false, true, rows, cols, d, Acc(1), go.at(b, h, i0), go.row_stride,
+                       v.at(b, kvh, j0), v.row_stride, Acc(0), dp.data(), kBlockK);
+        softmax_grad_tile<Acc>(p, i0, rows, j0, cols, tile_lse, tile_delta, s.data(),
+                               prob.data(), dp.data());
+        cpu::gemm<Acc>(false, false, rows, d, cols, scale, s.data(), kBlockK, k.at(b, kvh, j0),
+                       k.row_stride, Acc(1), dq_rows, dq.row_stride);
+      }
+    }
+  });
+
+  // dk, dv: one task per (batch, kv head, key tile), over the query heads of
+  // its group and the query tiles that see the key tile.
+  const int64_t k_tiles = (p.seq_k + kBlockK - 1) / kBlockK;
+  at::parallel_for(0, p.batch * p.kv_heads * k_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> s(kBlockQ * kBlockK), prob(kBlockQ * kBlockK), dp(kBlockQ * kBlockK);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t tile = task % k_tiles, bkv = task / k_tiles;
+      const int64_t b = bkv / p.kv_heads, kvh = bkv % p.kv_heads;
+      const int64_t j0 = tile * kBlockK, cols = std::min(kBlockK, p.seq_k - j0);
+      T* dk_rows = dk.at(b, kvh, j0);
+      T* dv_rows = dv.at(b, kvh, j0);
+      for (int64_t c = 0; c < cols; ++c) {
+        std::fill(dk_rows + c * dk.row_stride, dk_rows + c * dk.row_stride + d, T(0));
+        std::fill(dv_rows + c * dv.row_stride, dv_rows + c * dv.row_stride + d, T(0));
+      }
+      const int64_t first_query = p.causal ? causal_query_begin(j0, p.seq_q, p.seq_k) : 0;
+      for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+        for (int64_t i0 = first_query / kBlockQ * kBlockQ; i0 < p.seq_q; i0 += kBlockQ) {
+          const int64_t rows = std::min(kBlockQ, p.seq_q - i0);
+          const auto [tile_lse, tile_delta] = row_stats(b, h, i0);
+          cpu::gemm<Acc>(false, true, rows, cols, d, scale, q.at(b, h, i0), q.row_stride,
+                         k.at(b, kvh, j0), k.row_stride, Acc(0), s.data(), kBlockK);
+          cpu::gemm<Acc>(false, true, rows, cols, d, Acc(1), go.at(b, h, i0), go.row_stride,
+                         v.at(b, kvh, j0), v.row_stride, Acc(0), dp.data(), kBlockK);
+          softmax_grad_tile<Acc>(p, i0, rows, j0, cols, tile_lse, tile_delta, s.data(),
+                                 prob.data(), dp.data());
+          // dV += P^T dO, dK += scale * dS^T Q
+          cpu::gemm<Acc>(true, false, cols, d, rows, Acc(1), prob.data(), kBlockK,
+                         go.at(b, h, i0), go.row_stride, Acc(1), dv_rows, dv.row_stride);
+          cpu::gemm<Acc>(true, false, cols, d, rows, scale, s.data(), kBlockK, q.at(b, h, i0),
+                         q.row_stride, Acc(1), dk_rows, dk.row_stride);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(const at::Tensor& q_in,
+                                                               const at::Tensor& k_in,
+                                                               const at::Tensor& v_in,
+                                                               bool causal, double scale) {
+  const Problem p = check_inputs("flash_attention_forward", q_in, k_in, v_in, causal, scale);
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Tensor q = with_unit_last_stride(q_in), k = with_unit_last_stride(k_in),
+                   v = with_unit_last_stride(v_in);
+  at::Tensor out = at::empty({p.batch, p.heads, p.seq_q, p.dim}, q.options());
+  at::Tensor lse = at::empty({p.batch, p.heads, p.seq_q},
+                             q.options().dtype(at::toOpMathType(q.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_attention_forward_cpu", [&] {
+    forward_kernel<scalar_t>(q, k, v, out, lse, p);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, bool causal,
+    double scale) {
+  constexpr const char* op = "flash_attention_backward";
+  const Problem p = check_inputs(op, q_in, k_in, v_in, causal, scale);
+  TORCH_CHECK_VALUE(grad_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(), op,
+                    ": `grad_out` and `out` must have the shape of `q` ", q_in.sizes(),
+                    ", got ", grad_in.sizes(), " and ", out_in.sizes());
+  TORCH_CHECK_TYPE(grad_in.scalar_type() == q_in.scalar_type() &&
+                       out_in.scalar_type() == q_in.scalar_type(),
+                   op, ": `grad_out` and `out` must have dtype ", q_in.scalar_type());
+  const at::ScalarType lse_type = at::toOpMathType(q_in.scalar_type());
+  TORCH_CHECK_VALUE(lse_in.dim() == 3 && lse_in.size(0) == p.batch && lse_in.size(1) == p.heads &&
+                        lse_in.size(2) == p.seq_q && lse_in.scalar_type() == lse_type,
+                    op, ": `lse` must be a ", lse_type, " tensor of shape (", p.batch, ", ",
+                    p.heads, ", ", p.seq_q, ")");
+  TORCH_CHECK(grad_in.device() == q_in.device() && out_in.device() == q_in.device() &&
+                  lse_in.device() == q_in.device(),
+              op, ": all tensors must be on ", q_in.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Tensor q = with_unit_last_stride(q_in), k = with_unit_last_stride(k_in),
+                   v = with_unit_last_stride(v_in), grad = with_unit_last_stride(grad_in),
+                   out = with_unit_last_stride(out_in), lse = lse_in.contiguous();
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_attention_backward_cpu", [&] {
+    backward_kernel<scalar_t>(grad, q, k, v, out, lse, dq, dk, dv, p);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyattn, CPU, m) {
+  m.impl("flash_attention_forward", &flash_attention_forward_cpu);
+  m.impl("flash_attention_backward", &flash_attention_backward_cpu);
+}
+
+}  // namespace pyattn

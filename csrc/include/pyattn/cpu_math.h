@@ -1,0 +1,71 @@
+#pragma once
+// Small CPU helpers for the attention kernels: a row-major GEMM on the BLAS
+// that libtorch_cpu exports (MKL on x86-64 wheels; ATen's own C++ gemm wrappers
+// are not exported to extensions) and an exp that compilers vectorise.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+extern "C" {
+// Fortran BLAS, LP64 (32-bit int) interface, column-major.
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc);
+}
+
+namespace pyattn::cpu {
+
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                      const float* alpha, const float* a, const int* lda, const float* b,
+                      const int* ldb, const float* beta, float* c, const int* ldc) {
+  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                      const double* alpha, const double* a, const int* lda, const double* b,
+                      const int* ldb, const double* beta, double* c, const int* ldc) {
+  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// Row-major C (m x n, ldc) = alpha * op(A) op(B) + beta * C, op(A) m x k, op(B) k x n.
+// BLAS is column-major: C^T = op(B)^T op(A)^T, and a row-major buffer is the
+// transpose of the column-major one. Sizes and leading dimensions must fit an
+// int (the callers check strides; tiles are small).
+template <typename T>
+inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha,
+                 const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+  const int mm = static_cast<int>(n), nn = static_cast<int>(m), kk = static_cast<int>(k);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  blas_gemm(&ta, &tb, &mm, &nn, &kk, &alpha, b, &la, a, &lb, &beta, c, &lc);
+}
+
+// exp(x) for float with relative error below 2 ulp on [-87, 88], 0 below: range
+// reduction x = n ln2 + r, |r| <= ln2 / 2, and a degree-6 polynomial, written
+// without calls or branches so that loops over it vectorise.
+inline float exp_approx(float x) {
+  const float clamped = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (clamped * 1.44269504088896341f + shifter) - shifter;
+  const float r = (clamped - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+inline float exp_of(float x) { return exp_approx(x); }
+inline double exp_of(double x) { return std::exp(x); }
+
+}  // namespace pyattn::cpu

@@ -1,0 +1,244 @@
+"""``pyattn.flash_attention``: FlashAttention-style attention, O(seq) memory.
+
+Backends, one torch op pair (forward, backward) each:
+- ``cpp``: ``torch.ops.pyattn.flash_attention_forward/backward``, tiled C++
+  kernels for CPU tensors (float32, float64), schemas in ``csrc/pyattn.cpp``.
+- ``triton``: ``torch.ops.pyattn.flash_attention_triton_forward/backward``,
+  Triton kernels (``pyattn.kernels.flash_attention``) for CUDA tensors
+  (float16, bfloat16, float32 with tf32 dots), or CPU tensors under
+  ``TRITON_INTERPRET=1`` (how CI tests them).
+- ``reference``: math attention with materialised scores (pyattn.reference).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.library import triton_op, wrap_triton
+
+from pyattn import reference
+from pyattn.backends import triton_interpret
+
+BACKENDS = ("auto", "triton", "cpp", "reference")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CPP_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_inputs(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"flash_attention: `{name}` must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            shape = "(batch, heads, seq_q, head_dim)" if name == "q" else \
+                "(batch, kv_heads, seq_k, head_dim)"
+            raise ValueError(f"flash_attention: `{name}` must be a 4-D tensor {shape}, "
+                             f"got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"flash_attention: `q`, `k`, `v` must have one dtype, got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"flash_attention: `q`, `k`, `v` must be on one device, got "
+                         f"{q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"flash_attention: `k` and `v` must have the same shape, got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"flash_attention: batch of `q` ({q.shape[0]}) and `k` ({k.shape[0]}) differ")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"flash_attention: head_dim of `q` ({q.shape[3]}) and `k` "
+                         f"({k.shape[3]}) differ")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"flash_attention: heads of `q` ({q.shape[1]}) must be a multiple of "
+                         f"kv_heads of `k` ({k.shape[1]})")
+    head_dim = q.shape[3]
+    if head_dim == 0 or head_dim % 8 != 0 or head_dim > 256:
+        raise ValueError(f"flash_attention: head_dim must be a multiple of 8 up to 256, got {head_dim}")
+    if min(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) == 0:
+        raise ValueError(f"flash_attention: batch, heads and sequence lengths must be >= 1, got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}")
+
+
+def _resolve_backend(backend: str, q: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"flash_attention: `backend` must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "cpp"
+    if backend == "cpp":
+        if q.device.type != "cpu":
+            raise ValueError(f"flash_attention: the 'cpp' backend runs on CPU tensors, got "
+                             f"{q.device}; use backend='triton' on CUDA")
+        if q.dtype not in CPP_DTYPES:
+            raise TypeError(f"flash_attention: the 'cpp' backend supports float32 and float64, "
+                            f"got {q.dtype}")
+    if backend == "triton":
+        if q.device.type == "cpu" and not triton_interpret():
+            raise RuntimeError("flash_attention: the 'triton' backend needs a CUDA tensor, or "
+                               "TRITON_INTERPRET=1 (set before triton is imported) to interpret "
+                               "its kernels on CPU tensors")
+        if q.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"flash_attention: the 'triton' backend runs on CUDA, got {q.device}")
+        if q.dtype not in TRITON_DTYPES:
+            raise TypeError(f"flash_attention: the 'triton' backend supports float16, bfloat16 "
+                            f"and float32, got {q.dtype}")
+    return backend
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    scale: float | None = None, return_lse: bool = False,
+                    backend: str = "auto"):
+    r"""Attention :math:`\mathrm{softmax}(q k^\top \cdot \text{scale})\, v` in O(seq) memory.
+
+    Args:
+        q: ``(batch, heads, seq_q, head_dim)``.
+        k, v: ``(batch, kv_heads, seq_k, head_dim)``; ``kv_heads`` divides
+            ``heads`` (grouped-query / multi-query attention).
+        causal: mask keys after the query, aligning the last query with the
+            last key when ``seq_q != seq_k`` (FlashAttention 2). A query that
+            sees no key gets zeros.
+        scale: defaults to ``1 / sqrt(head_dim)``.
+        return_lse: also return the row log-sum-exp ``(batch, heads, seq_q)``
+            (float32; float64 for float64 inputs; ``-inf`` for rows that see no
+            key). The lse carries no gradient.
+        backend: ``'auto'`` (triton on CUDA, cpp on CPU), ``'triton'``,
+            ``'cpp'`` or ``'reference'``.
+
+    head_dim: any multiple of 8 up to 256. Inputs may have any strides. The
+    backward is deterministic on every backend (no atomics). Same calling
+    convention as ``F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+    scale=scale)`` for equal heads.
+    """
+    _check_inputs(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"flash_attention: `scale` must be finite, got {scale}")
+    backend = _resolve_backend(backend, q)
+    if backend == "reference":
+        out, lse = reference.attention(q, k, v, causal, scale)
+        lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    elif backend == "cpp":
+        out, lse = torch.ops.pyattn.flash_attention_forward(q, k, v, causal, scale)
+    else:
+        out, lse = torch.ops.pyattn.flash_attention_triton_forward(q, k, v, causal, scale)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------- C++ backend
+
+@torch.library.register_fake("pyattn::flash_attention_forward")
+def _forward_fake(q, k, v, causal, scale):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (q.new_empty(q.shape),
+            q.new_empty(q.shape[:3], dtype=lse_dtype))
+
+
+@torch.library.register_fake("pyattn::flash_attention_backward")
+def _backward_fake(grad_out, q, k, v, out, lse, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
+    return backward
+
+
+torch.library.register_autograd("pyattn::flash_attention_forward",
+                                _make_backward(torch.ops.pyattn.flash_attention_backward),
+                                setup_context=_setup_context)
+
+
+# ------------------------------------------------------------- Triton backend
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _block_config(head_dim: int, device: torch.device) -> dict:
+    """Tile sizes per head_dim: large head dims get narrower key tiles so the
+    q, k, v, acc tiles stay within registers / shared memory."""
+    if device.type == "cpu":  # interpreter: bigger tiles, fewer programs
+        return dict(BLOCK_M=32, BLOCK_N=32)
+    if head_dim <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if head_dim <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)
+
+
+def _backward_block_config(head_dim: int, device: torch.device) -> dict:
+    if device.type == "cpu":
+        return dict(BLOCK_M=32, BLOCK_N=32)
+    if head_dim <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    if head_dim <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
+
+
+@triton_op("pyattn::flash_attention_triton_forward", mutates_args=())
+def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from pyattn.kernels import flash_attention as kernels
+
+    batch, heads, seq_q, head_dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+    config = _block_config(head_dim, q.device)
+    grid = (triton_cdiv(seq_q, config["BLOCK_M"]), batch * heads)
+    wrap_triton(kernels._flash_fwd_kernel)[grid](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        heads, heads // kv_heads, seq_q, seq_k, scale * kernels.LOG2E,
+        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=max(16, _next_power_of_2(head_dim)), **config)
+    return out, lse
+
+
+@triton_op("pyattn::flash_attention_triton_backward", mutates_args=())
+def _triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     out: torch.Tensor, lse: torch.Tensor, causal: bool,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from pyattn.kernels import flash_attention as kernels
+
+    batch, heads, seq_q, head_dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    block_d = max(16, _next_power_of_2(head_dim))
+    config = _backward_block_config(head_dim, q.device)
+    delta = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+    wrap_triton(kernels._flash_bwd_preprocess_kernel)[(triton_cdiv(seq_q, 64), batch * heads)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seq_q,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=64)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    common = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d, **config)
+    lse = lse.contiguous()
+    wrap_triton(kernels._flash_bwd_dkdv_kernel)[
+        (triton_cdiv(seq_k, config["BLOCK_N"]), batch * kv_heads)](
+        q, k, v, grad_out, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
+        *grad_out.stride(), *dk.stride(), *dv.stride(), heads, kv_heads, heads // kv_heads,
+        seq_q, seq_k, scale * kernels.LOG2E, scale, **common)
+    wrap_triton(kernels._flash_bwd_dq_kernel)[
+        (triton_cdiv(seq_q, config["BLOCK_M"]), batch * heads)](
+        q, k, v, grad_out, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(),
+        *grad_out.stride(), *dq.stride(), heads, heads // kv_heads, seq_q, seq_k,
+        scale * kernels.LOG2E, scale, **common)
+    return dq, dk, dv
+
+
+_triton_forward.register_autograd(_make_backward(_triton_backward), setup_context=_setup_context)
