@@ -92,6 +92,14 @@ def test_cpp_against_reference(seqlens, causal, dtype):
     _check_against_reference(q, k, v, causal, "cpp")
 
 
+@pytest.mark.parametrize("batch, heads, kv_heads", [(1, 4, 1), (2, 4, 2), (3, 6, 3), (8, 2, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpp_backward_both_schedules(batch, heads, kv_heads, causal):
+    # batch * kv_heads < 8: two passes over finer tasks; >= 8: one fused pass.
+    q, k, v = _inputs(batch, heads, kv_heads, 150, 90, 32, torch.float64)
+    _check_against_reference(q, k, v, causal, "cpp")
+
+
 @pytest.mark.parametrize("dim", [8, 16, 32, 48, 64, 80, 96, 128, 256])
 def test_cpp_head_dims(dim):
     q, k, v = _inputs(2, 4, 2, 37, 70, dim, torch.float64)

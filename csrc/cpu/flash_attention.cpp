@@ -4,10 +4,11 @@
 // the probabilities tile by tile. No seq_q x seq_k buffer is ever allocated:
 // each thread holds one kBlockQ x kBlockK tile.
 //
-// Parallel over (batch, head, query tile) in forward and dq, over (batch,
-// kv head, key tile) in dk / dv, which loop over the query heads that share the
-// kv head: every output element is written by one task, with no atomics, so
-// results are deterministic.
+// Forward: parallel over (batch, head, query tile). Backward: one pass per
+// (batch, kv head) when there are enough of them, else dq over (batch, head,
+// query tile) and dk / dv over (batch, kv head, key tile), looping over the
+// query heads that share the kv head. Every output element has one writer and
+// no atomics are used, so results are deterministic.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -30,6 +31,10 @@ namespace {
 
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 64;
+// Backward in one pass when there are at least this many (batch, kv head)
+// pairs to spread over threads. Chosen by shape alone, so results do not
+// depend on the thread count.
+constexpr int64_t kFusedBackwardTasks = 8;
 
 struct Problem {
   int64_t batch, heads, kv_heads, seq_q, seq_k, dim;
@@ -133,18 +138,12 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
         for (int64_t r = 0; r < rows; ++r) {
           Acc* s = scores.data() + r * kBlockK;
           const int64_t limit = row_limit(p, i0 + r, j0, cols);
-          Acc tile_max = kNegInf;
-          for (int64_t c = 0; c < limit; ++c) tile_max = std::max(tile_max, s[c]);
-          const Acc new_max = std::max(row_max[r], tile_max);
+          const Acc new_max = std::max(row_max[r], cpu::row_max(s, limit));
           if (new_max == kNegInf) {  // nothing visible yet: keep zeros, never exp(-inf + inf)
             std::fill(s, s + cols, Acc(0));
             continue;
           }
-          Acc sum = 0;
-          for (int64_t c = 0; c < limit; ++c) {
-            s[c] = cpu::exp_of(s[c] - new_max);
-            sum += s[c];
-          }
+          const Acc sum = cpu::exp_shifted_sum(s, limit, new_max);
           std::fill(s + limit, s + cols, Acc(0));
           const Acc alpha = cpu::exp_of(row_max[r] - new_max);  // 0 when row_max is -inf
           row_sum[r] = row_sum[r] * alpha + sum;
@@ -182,10 +181,7 @@ void softmax_grad_tile(const Problem& p, int64_t i0, int64_t rows, int64_t j0, i
     Acc* sr = s + r * kBlockK;
     Acc* pr = prob + r * kBlockK;
     const Acc* dpr = dp + r * kBlockK;
-    for (int64_t c = 0; c < limit; ++c) {
-      pr[c] = cpu::exp_of(sr[c] - lse[r]);
-      sr[c] = pr[c] * (dpr[c] - delta[r]);
-    }
+    cpu::softmax_grad_row(sr, pr, dpr, limit, lse[r], delta[r]);
     std::fill(pr + limit, pr + cols, Acc(0));
     std::fill(sr + limit, sr + cols, Acc(0));
   }
@@ -222,64 +218,98 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
     return std::make_pair(lse + offset, delta.data() + offset);
   };
 
-  // dq: one task per (batch, head, query tile), streaming over key tiles.
+  // P and dS of one (query tile, key tile) pair: s <- dS, prob <- P, dp scratch.
+  auto tile_grads = [&](int64_t b, int64_t h, int64_t kvh, int64_t i0, int64_t rows, int64_t j0,
+                        int64_t cols, Acc* s, Acc* prob, Acc* dp) {
+    const auto [tile_lse, tile_delta] = row_stats(b, h, i0);
+    cpu::gemm<Acc>(false, true, rows, cols, d, scale, q.at(b, h, i0), q.row_stride,
+                   k.at(b, kvh, j0), k.row_stride, Acc(0), s, kBlockK);
+    cpu::gemm<Acc>(false, true, rows, cols, d, Acc(1), go.at(b, h, i0), go.row_stride,
+                   v.at(b, kvh, j0), v.row_stride, Acc(0), dp, kBlockK);
+    softmax_grad_tile<Acc>(p, i0, rows, j0, cols, tile_lse, tile_delta, s, prob, dp);
+  };
+  auto zero_rows = [d](T* rows, int64_t count, int64_t stride) {
+    for (int64_t r = 0; r < count; ++r) std::fill(rows + r * stride, rows + r * stride + d, T(0));
+  };
+  // dV += P^T dO, dK += scale * dS^T Q for one tile pair.
+  auto add_dk_dv = [&](int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t cols,
+                       const Acc* ds, const Acc* prob, T* dk_rows, T* dv_rows) {
+    cpu::gemm<Acc>(true, false, cols, d, rows, Acc(1), prob, kBlockK, go.at(b, h, i0),
+                   go.row_stride, Acc(1), dv_rows, dv.row_stride);
+    cpu::gemm<Acc>(true, false, cols, d, rows, scale, ds, kBlockK, q.at(b, h, i0), q.row_stride,
+                   Acc(1), dk_rows, dk.row_stride);
+  };
   const int64_t q_tiles = (p.seq_q + kBlockQ - 1) / kBlockQ;
+  const int64_t k_tiles = (p.seq_k + kBlockK - 1) / kBlockK;
+  auto first_query_tile = [&](int64_t j0) {
+    return p.causal ? causal_query_begin(j0, p.seq_q, p.seq_k) / kBlockQ * kBlockQ : 0;
+  };
+
+  if (p.batch * p.kv_heads >= kFusedBackwardTasks) {
+    // One pass, 5 GEMMs per tile pair: each task owns a (batch, kv head) and so
+    // every dq, dk, dv row of it (dq of a head depends only on its kv head).
+    at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<Acc> s(kBlockQ * kBlockK), prob(kBlockQ * kBlockK), dp(kBlockQ * kBlockK);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / p.kv_heads, kvh = task % p.kv_heads;
+        for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+          zero_rows(dq.at(b, h, 0), p.seq_q, dq.row_stride);
+        }
+        zero_rows(dk.at(b, kvh, 0), p.seq_k, dk.row_stride);
+        zero_rows(dv.at(b, kvh, 0), p.seq_k, dv.row_stride);
+        for (int64_t j0 = 0; j0 < p.seq_k; j0 += kBlockK) {
+          const int64_t cols = std::min(kBlockK, p.seq_k - j0);
+          for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+            for (int64_t i0 = first_query_tile(j0); i0 < p.seq_q; i0 += kBlockQ) {
+              const int64_t rows = std::min(kBlockQ, p.seq_q - i0);
+              tile_grads(b, h, kvh, i0, rows, j0, cols, s.data(), prob.data(), dp.data());
+              add_dk_dv(b, h, i0, rows, cols, s.data(), prob.data(), dk.at(b, kvh, j0),
+                        dv.at(b, kvh, j0));
+              cpu::gemm<Acc>(false, false, rows, d, cols, scale, s.data(), kBlockK,
+                             k.at(b, kvh, j0), k.row_stride, Acc(1), dq.at(b, h, i0),
+                             dq.row_stride);
+            }
+          }
+        }
+      }
+    });
+    return;
+  }
+
+  // Few (batch, kv head) pairs: two passes with finer tasks, 7 GEMMs per tile pair.
+  // dq: one task per (batch, head, query tile), streaming over key tiles.
   at::parallel_for(0, p.batch * p.heads * q_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<Acc> s(kBlockQ * kBlockK), prob(kBlockQ * kBlockK), dp(kBlockQ * kBlockK);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t tile = task % q_tiles, bh = task / q_tiles;
       const int64_t b = bh / p.heads, h = bh % p.heads, kvh = h / group;
       const int64_t i0 = tile * kBlockQ, rows = std::min(kBlockQ, p.seq_q - i0);
-      T* dq_rows = dq.at(b, h, i0);
-      for (int64_t r = 0; r < rows; ++r) std::fill(dq_rows + r * dq.row_stride,
-                                                   dq_rows + r * dq.row_stride + d, T(0));
-      const auto [tile_lse, tile_delta] = row_stats(b, h, i0);
+      zero_rows(dq.at(b, h, i0), rows, dq.row_stride);
       const int64_t key_end = tile_key_end(p, i0, rows);
       for (int64_t j0 = 0; j0 < key_end; j0 += kBlockK) {
         const int64_t cols = std::min(kBlockK, key_end - j0);
-        cpu::gemm<Acc>(false, true, rows, cols, d, scale, q.at(b, h, i0), q.row_stride,
-                       k.at(b, kvh, j0), k.row_stride, Acc(0), s.data(), kBlockK);
-        cpu::gemm<Acc>(false, true, rows, cols, d, Acc(1), go.at(b, h, i0), go.row_stride,
-                       v.at(b, kvh, j0), v.row_stride, Acc(0), dp.data(), kBlockK);
-        softmax_grad_tile<Acc>(p, i0, rows, j0, cols, tile_lse, tile_delta, s.data(),
-                               prob.data(), dp.data());
+        tile_grads(b, h, kvh, i0, rows, j0, cols, s.data(), prob.data(), dp.data());
         cpu::gemm<Acc>(false, false, rows, d, cols, scale, s.data(), kBlockK, k.at(b, kvh, j0),
-                       k.row_stride, Acc(1), dq_rows, dq.row_stride);
+                       k.row_stride, Acc(1), dq.at(b, h, i0), dq.row_stride);
       }
     }
   });
-
   // dk, dv: one task per (batch, kv head, key tile), over the query heads of
   // its group and the query tiles that see the key tile.
-  const int64_t k_tiles = (p.seq_k + kBlockK - 1) / kBlockK;
   at::parallel_for(0, p.batch * p.kv_heads * k_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<Acc> s(kBlockQ * kBlockK), prob(kBlockQ * kBlockK), dp(kBlockQ * kBlockK);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t tile = task % k_tiles, bkv = task / k_tiles;
       const int64_t b = bkv / p.kv_heads, kvh = bkv % p.kv_heads;
       const int64_t j0 = tile * kBlockK, cols = std::min(kBlockK, p.seq_k - j0);
-      T* dk_rows = dk.at(b, kvh, j0);
-      T* dv_rows = dv.at(b, kvh, j0);
-      for (int64_t c = 0; c < cols; ++c) {
-        std::fill(dk_rows + c * dk.row_stride, dk_rows + c * dk.row_stride + d, T(0));
-        std::fill(dv_rows + c * dv.row_stride, dv_rows + c * dv.row_stride + d, T(0));
-      }
-      const int64_t first_query = p.causal ? causal_query_begin(j0, p.seq_q, p.seq_k) : 0;
+      zero_rows(dk.at(b, kvh, j0), cols, dk.row_stride);
+      zero_rows(dv.at(b, kvh, j0), cols, dv.row_stride);
       for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
-        for (int64_t i0 = first_query / kBlockQ * kBlockQ; i0 < p.seq_q; i0 += kBlockQ) {
+        for (int64_t i0 = first_query_tile(j0); i0 < p.seq_q; i0 += kBlockQ) {
           const int64_t rows = std::min(kBlockQ, p.seq_q - i0);
-          const auto [tile_lse, tile_delta] = row_stats(b, h, i0);
-          cpu::gemm<Acc>(false, true, rows, cols, d, scale, q.at(b, h, i0), q.row_stride,
-                         k.at(b, kvh, j0), k.row_stride, Acc(0), s.data(), kBlockK);
-          cpu::gemm<Acc>(false, true, rows, cols, d, Acc(1), go.at(b, h, i0), go.row_stride,
-                         v.at(b, kvh, j0), v.row_stride, Acc(0), dp.data(), kBlockK);
-          softmax_grad_tile<Acc>(p, i0, rows, j0, cols, tile_lse, tile_delta, s.data(),
-                                 prob.data(), dp.data());
-          // dV += P^T dO, dK += scale * dS^T Q
-          cpu::gemm<Acc>(true, false, cols, d, rows, Acc(1), prob.data(), kBlockK,
-                         go.at(b, h, i0), go.row_stride, Acc(1), dv_rows, dv.row_stride);
-          cpu::gemm<Acc>(true, false, cols, d, rows, scale, s.data(), kBlockK, q.at(b, h, i0),
-                         q.row_stride, Acc(1), dk_rows, dk.row_stride);
+          tile_grads(b, h, kvh, i0, rows, j0, cols, s.data(), prob.data(), dp.data());
+          add_dk_dv(b, h, i0, rows, cols, s.data(), prob.data(), dk.at(b, kvh, j0),
+                    dv.at(b, kvh, j0));
         }
       }
     }

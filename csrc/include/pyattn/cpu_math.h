@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 extern "C" {
 // Fortran BLAS, LP64 (32-bit int) interface, column-major.
@@ -67,5 +68,60 @@ inline float exp_approx(float x) {
 
 inline float exp_of(float x) { return exp_approx(x); }
 inline double exp_of(double x) { return std::exp(x); }
+
+// Row loops of the softmax, built for AVX-512, AVX2 and baseline x86-64 and
+// picked at load time (the extension itself is compiled for the baseline).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PYATTN_CPU_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
+#else
+#define PYATTN_CPU_CLONES
+#endif
+
+// max(s[0..n)), -inf for n = 0.
+template <typename T>
+PYATTN_CPU_CLONES inline T row_max(const T* s, int64_t n) {
+  T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t c = 0; c < n; ++c) m = s[c] > m ? s[c] : m;
+  return m;
+}
+
+// s[c] = exp(s[c] - shift) for c < n; returns the sum.
+PYATTN_CPU_CLONES inline float exp_shifted_sum(float* s, int64_t n, float shift) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < n; ++c) {
+    s[c] = exp_approx(s[c] - shift);
+    sum += s[c];
+  }
+  return sum;
+}
+
+inline double exp_shifted_sum(double* s, int64_t n, double shift) {
+  double sum = 0.0;
+  for (int64_t c = 0; c < n; ++c) {
+    s[c] = std::exp(s[c] - shift);
+    sum += s[c];
+  }
+  return sum;
+}
+
+// p[c] = exp(s[c] - lse); s[c] = p[c] * (dp[c] - delta) for c < n.
+PYATTN_CPU_CLONES inline void softmax_grad_row(float* s, float* p, const float* dp, int64_t n,
+                                               float lse, float delta) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    p[c] = exp_approx(s[c] - lse);
+    s[c] = p[c] * (dp[c] - delta);
+  }
+}
+
+inline void softmax_grad_row(double* s, double* p, const double* dp, int64_t n, double lse,
+                             double delta) {
+  for (int64_t c = 0; c < n; ++c) {
+    p[c] = std::exp(s[c] - lse);
+    s[c] = p[c] * (dp[c] - delta);
+  }
+}
 
 }  // namespace pyattn::cpu
