@@ -1,5 +1,6 @@
 """Turn a pytest-benchmark JSON report into a Markdown table: per group, pyattn
-against the other implementations (median time, speedup, peak memory).
+against the other implementations (median time, speedup, TFLOP/s where the
+benchmark records its flops, peak memory).
 
     python benchmarks/summarize.py report.json > table.md
 """
@@ -23,8 +24,8 @@ def main(argv=None):
           f"{machine.get('cpu', {}).get('count', '?')} CPUs; "
           f"date {report.get('datetime', '?')[:10]}")
     print()
-    print("| benchmark | impl | median ms | speedup of pyattn | peak MiB |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| benchmark | impl | median ms | speedup of pyattn | TFLOP/s | peak MiB |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for group, impls in groups.items():
         ours = impls.get("pyattn")
         for impl, bench in sorted(impls.items(), key=lambda kv: kv[0] != "pyattn"):
@@ -34,7 +35,9 @@ def main(argv=None):
                 speedup = f"{bench['stats']['median'] / ours['stats']['median']:.2f}x"
             peak = bench["extra_info"].get("peak_memory_mb")
             peak_text = f"{peak:.1f}" if peak is not None else ""
-            print(f"| {group} | {impl} | {median:.2f} | {speedup} | {peak_text} |")
+            flops = bench["extra_info"].get("flops")
+            rate = f"{flops / bench['stats']['median'] / 1e12:.3f}" if flops else ""
+            print(f"| {group} | {impl} | {median:.2f} | {speedup} | {rate} | {peak_text} |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,85 @@
+"""flash_attention vs torch SDPA (each backend it offers here) vs naive attention.
+
+Forward and forward+backward, causal and not, head_dim 64 and 128; CPU: float32,
+seq 256 -> 4096 (batch 1, 8 heads); GPU: bfloat16, seq 512 -> 16384 (batch x
+seq = 16k tokens, 16 heads at head_dim 64, 8 at 128). Records time, TFLOP/s
+(4 B H Nq Nk D forward, halved when causal, x3.5 for forward+backward) and
+peak memory.
+
+    python -m pytest benchmarks/bench_flash_attention.py --benchmark-only
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import pyattn
+from conftest import DEVICE
+
+if DEVICE.type == "cuda":
+    DTYPE, SEQS = torch.bfloat16, [512, 1024, 2048, 4096, 8192, 16384]
+    SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION,
+                     "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+                     "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+                     "sdpa_math": SDPBackend.MATH}
+else:
+    DTYPE, SEQS = torch.float32, [256, 1024, 4096]
+    SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_math": SDPBackend.MATH}
+IMPLS = ["pyattn", *SDPA_BACKENDS, "naive"]
+
+
+def naive_attention(q, k, v, causal):
+    """Materialised (seq x seq) scores, softmax, weighted sum."""
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        n = q.shape[-2]
+        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), -1).to(q.dtype) @ v
+
+
+def attention(impl, q, k, v, causal):
+    if impl == "pyattn":
+        return pyattn.flash_attention(q, k, v, causal=causal)
+    if impl == "naive":
+        return naive_attention(q, k, v, causal)
+    with sdpa_kernel(SDPA_BACKENDS[impl]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def shape(seq, dim):
+    if DEVICE.type == "cuda":
+        return max(1, 16384 // seq), 16 if dim == 64 else 8
+    return 1, 8
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("passes", ["forward", "forward+backward"])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("seq", SEQS)
+def test_attention(measure, seq, dim, passes, causal, impl):
+    batch, heads = shape(seq, dim)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, seq, dim, device=DEVICE, dtype=DTYPE,
+                           requires_grad=passes != "forward") for _ in range(3))
+    try:
+        attention(impl, q, k, v, causal)
+    except RuntimeError as error:  # an SDPA backend that does not take these inputs here
+        pytest.skip(f"{impl} unavailable: {str(error).splitlines()[0][:120]}")
+    if passes == "forward":
+        def step():
+            with torch.no_grad():
+                return attention(impl, q, k, v, causal)
+    else:
+        grad = torch.randn_like(q)
+
+        def step():
+            for t in (q, k, v):
+                t.grad = None
+            attention(impl, q, k, v, causal).backward(grad)
+    flops = 4 * batch * heads * seq * seq * dim * (0.5 if causal else 1.0)
+    flops *= 1.0 if passes == "forward" else 3.5
+    rounds = 2 if seq >= 4096 else 3
+    measure(step, f"attention seq {seq} d {dim} {passes} {'causal' if causal else 'full'}",
+            impl, rounds=rounds, flops=flops)
