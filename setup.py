@@ -80,7 +80,7 @@ setup(
     version="0.1.0",
     description="Fused padded conv2d, FlashAttention-style attention and CSR SpMM as torch ops",
     python_requires=">=3.10",
-    packages=["pyattn", "pyattn.ops", "pyattn.nn", "pyattn.studies", "pyattn.kernels"],
+    packages=["pyattn", "pyattn.ops", "pyattn.nn", "pyattn.models", "pyattn.studies", "pyattn.kernels"],
     package_dir={"pyattn.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

@@ -1,0 +1,1 @@
+"""Example models built on pyattn ops."""

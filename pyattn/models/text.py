@@ -1,0 +1,63 @@
+"""Character-level text data: tokenizer, loading, train/val split, batches."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+class CharTokenizer:
+    """Characters of a text <-> ids, in sorted order (saved with the model)."""
+
+    def __init__(self, chars):
+        self.chars = list(chars)
+        if len(set(self.chars)) != len(self.chars):
+            raise ValueError("CharTokenizer: characters must be distinct")
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        unknown = sorted({c for c in text if c not in self.index})
+        if unknown:
+            shown = ", ".join(repr(c) for c in unknown[:10])
+            raise ValueError(f"text has {len(unknown)} character(s) outside the vocabulary: "
+                             f"{shown}")
+        return [self.index[c] for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+
+def load_text(path: str) -> str:
+    """UTF-8 text of `path` (a byte-order mark dropped), with clear errors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"text file not found: {path!r} (pass --text PATH to a UTF-8 "
+                                "text file, e.g. Grimms' Fairy Tales from Project Gutenberg)")
+    with open(path, encoding="utf-8-sig") as f:
+        text = f.read()
+    if len(text) < 2:
+        raise ValueError(f"text file {path!r} is too short to train on")
+    return text
+
+
+def split(ids: torch.Tensor, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first (1 - val_fraction) for training, the last val_fraction for validation."""
+    cut = int(len(ids) * (1 - val_fraction))
+    return ids[:cut], ids[cut:]
+
+
+def random_blocks(data: torch.Tensor, block_size: int, batch_size: int,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), each (batch, block): random windows, targets shifted by one."""
+    if len(data) <= block_size:
+        raise ValueError(f"data of {len(data)} tokens is too short for block_size {block_size}")
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    windows = torch.stack([data[s:s + block_size + 1] for s in starts.tolist()])
+    return windows[:, :-1], windows[:, 1:]
