@@ -1,6 +1,6 @@
 """Turn a pytest-benchmark JSON report into a Markdown table: per group, pyattn
 against the other implementations (median time, speedup, TFLOP/s where the
-benchmark records its flops, peak memory).
+benchmark records its flops, tokens/s where it records tokens, peak memory).
 
     python benchmarks/summarize.py report.json > table.md
 """
@@ -24,7 +24,7 @@ def main(argv=None):
           f"{machine.get('cpu', {}).get('count', '?')} CPUs; "
           f"date {report.get('datetime', '?')[:10]}")
     print()
-    print("| benchmark | impl | median ms | speedup of pyattn | TFLOP/s | peak MiB |")
+    print("| benchmark | impl | median ms | speedup of pyattn | TFLOP/s or tokens/s | peak MiB |")
     print("| --- | --- | --- | --- | --- | --- |")
     for group, impls in groups.items():
         ours = impls.get("pyattn")
@@ -35,8 +35,12 @@ def main(argv=None):
                 speedup = f"{bench['stats']['median'] / ours['stats']['median']:.2f}x"
             peak = bench["extra_info"].get("peak_memory_mb")
             peak_text = f"{peak:.1f}" if peak is not None else ""
-            flops = bench["extra_info"].get("flops")
-            rate = f"{flops / bench['stats']['median'] / 1e12:.3f}" if flops else ""
+            info, median_s = bench["extra_info"], bench["stats"]["median"]
+            rate = ""
+            if info.get("flops"):
+                rate = f"{info['flops'] / median_s / 1e12:.3f} TFLOP/s"
+            elif info.get("tokens"):
+                rate = f"{info['tokens'] / median_s:,.0f} tok/s"
             print(f"| {group} | {impl} | {median:.2f} | {speedup} | {rate} | {peak_text} |")
 
 

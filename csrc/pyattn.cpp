@@ -27,6 +27,18 @@ TORCH_LIBRARY(pyattn, m) {
   m.def(
       "flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
+  // CSR sparse x dense: returns (out, arg); arg is the arg-max edge per output
+  // element for reduce='max' (-1 for empty rows), else empty. The transposed
+  // CSR (csc_*) is not read here: it is passed so the backward can use it.
+  m.def(
+      "spmm_csr(Tensor rowptr, Tensor col, Tensor? values, Tensor x, str reduce, bool check, "
+      "Tensor? csc_ptr, Tensor? csc_row, Tensor? csc_perm) -> (Tensor, Tensor)");
+  m.def(
+      "spmm_csr_edge_grad(Tensor rowptr, Tensor col, Tensor x, Tensor grad_out, str reduce) "
+      "-> Tensor");
+  m.def(
+      "spmm_csr_max_backward(Tensor csc_ptr, Tensor csc_row, Tensor csc_perm, Tensor? values, "
+      "Tensor x, Tensor arg, Tensor grad_out) -> (Tensor, Tensor)");
 }
 
 namespace py = pybind11;

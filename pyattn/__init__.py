@@ -4,6 +4,8 @@
   circular padding fused into the kernel (no padded copy of the input).
 - :func:`pyattn.flash_attention` — FlashAttention-style attention (tiled C++
   on CPU, Triton on GPU), forward and backward in O(seq) memory.
+- :func:`pyattn.spmm` — CSR sparse x dense products (sum / mean / max) for
+  graph convolutions.
 - :mod:`pyattn.nn` — modules built on the ops (``PaddedConv2d``).
 
 Importing pyattn loads the compiled extension ``pyattn._C`` (which registers
@@ -12,7 +14,8 @@ the ``torch.ops.pyattn.*`` schemas and kernels); it does no other work.
 from pyattn import ops
 from pyattn.ops.flash_attention import flash_attention
 from pyattn.ops.padded_conv import padded_conv2d
+from pyattn.ops.spmm import spmm
 from pyattn import nn
 
 __version__ = "0.1.0"
-__all__ = ["flash_attention", "padded_conv2d", "nn", "ops", "__version__"]
+__all__ = ["flash_attention", "padded_conv2d", "spmm", "nn", "ops", "__version__"]

@@ -42,3 +42,19 @@ def attention(q, k, v, causal=False, scale=None):
     probs = torch.exp(scores - lse[..., None].masked_fill(lse[..., None].isinf(), 0.0))
     out = probs @ vd
     return out.to(q.dtype), lse
+
+
+def spmm(rowptr, col, x, values=None, reduce="sum"):
+    """CSR x dense by ``scatter_reduce`` over edges (empty rows give 0)."""
+    rows = rowptr.numel() - 1
+    row_of_edge = torch.repeat_interleave(torch.arange(rows, device=x.device), rowptr.diff())
+    terms = x[col] if values is None else values[:, None] * x[col]
+    index = row_of_edge[:, None].expand_as(terms)
+    if reduce == "max":
+        out = torch.full((rows, x.shape[1]), float("-inf"), dtype=x.dtype, device=x.device)
+        out = out.scatter_reduce(0, index, terms, reduce="amax", include_self=True)
+        return torch.where(torch.isinf(out), torch.zeros_like(out), out)
+    out = torch.zeros(rows, x.shape[1], dtype=x.dtype, device=x.device).index_add(0, row_of_edge, terms)
+    if reduce == "mean":
+        out = out / rowptr.diff().clamp(min=1).to(x.dtype)[:, None]
+    return out

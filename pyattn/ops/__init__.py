@@ -15,4 +15,4 @@ except ImportError as error:  # pragma: no cover - only without a build
         "from the pyattn checkout (see README.md)."
     ) from error
 
-from pyattn.ops import flash_attention, padded_conv  # noqa: E402,F401
+from pyattn.ops import flash_attention, padded_conv, spmm  # noqa: E402,F401
