@@ -1,0 +1,33 @@
+"""Seed Q3: GraphConv (eq. 6) or GCN node classification, mean ± std over seeds.
+
+    python examples/gcn.py                                   # karate club, built in
+    python examples/gcn.py --dataset cora --data-dir ../shared/data/planetoid --model gcn
+"""
+import argparse
+
+import torch
+
+from pyattn.studies import gcn
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=["cora", "citeseer", "karate"], default="karate")
+    parser.add_argument("--data-dir", help="directory of the Planetoid ind.<name>.* files")
+    parser.add_argument("--model", choices=gcn.MODELS, default="gcn")
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    config = gcn.GCNConfig(hidden=16 if args.model == "gcn" else 64, epochs=args.epochs)
+    accuracies = gcn.run(args.dataset, args.model, args.seeds, torch.device(args.device),
+                         args.data_dir, config)
+    print(f"{args.model} on {args.dataset}, {args.seeds} seeds: "
+          + ", ".join(f"{a:.1f}" for a in accuracies))
+    print(gcn.summary(accuracies))
+    return accuracies
+
+
+if __name__ == "__main__":
+    main()
