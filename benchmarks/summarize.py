@@ -1,6 +1,7 @@
 """Turn a pytest-benchmark JSON report into a Markdown table: per group, pyattn
 against the other implementations (median time, speedup, TFLOP/s where the
-benchmark records its flops, tokens/s where it records tokens, peak memory).
+benchmark records its flops, tokens/s or GB/s where it records tokens or bytes
+moved, peak memory).
 
     python benchmarks/summarize.py report.json > table.md
 """
@@ -24,7 +25,7 @@ def main(argv=None):
           f"{machine.get('cpu', {}).get('count', '?')} CPUs; "
           f"date {report.get('datetime', '?')[:10]}")
     print()
-    print("| benchmark | impl | median ms | speedup of pyattn | TFLOP/s or tokens/s | peak MiB |")
+    print("| benchmark | impl | median ms | speedup of pyattn | rate | peak MiB |")
     print("| --- | --- | --- | --- | --- | --- |")
     for group, impls in groups.items():
         ours = impls.get("pyattn")
@@ -41,6 +42,11 @@ def main(argv=None):
                 rate = f"{info['flops'] / median_s / 1e12:.3f} TFLOP/s"
             elif info.get("tokens"):
                 rate = f"{info['tokens'] / median_s:,.0f} tok/s"
+            elif info.get("bytes"):
+                gbps = info["bytes"] / median_s / 1e9
+                rate = f"{gbps:.1f} GB/s"
+                if info.get("copy_bandwidth_gbps"):
+                    rate += f" ({100 * gbps / info['copy_bandwidth_gbps']:.0f}% of copy)"
             print(f"| {group} | {impl} | {median:.2f} | {speedup} | {rate} | {peak_text} |")
 
 

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "pyattn/spmm_ops.h"
@@ -43,7 +44,7 @@ void forward_kernel(const at::Tensor& rowptr_t, const at::Tensor& col_t,
     std::vector<int64_t> best_edge(reduce == Reduce::Max ? features : 0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t first = rowptr[i], last = rowptr[i + 1];
-      T* out_row = out + i * features;
+      T* __restrict__ out_row = out + i * features;
       if (reduce == Reduce::Max) {
         std::fill(best_edge.begin(), best_edge.end(), int64_t(-1));
         for (int64_t e = first; e < last; ++e) {
@@ -59,14 +60,22 @@ void forward_kernel(const at::Tensor& rowptr_t, const at::Tensor& col_t,
         }
         continue;
       }
-      std::fill(acc.begin(), acc.end(), Acc(0));
+      // CPU dtypes accumulate in themselves (Acc == T): sum straight into the output row.
+      static_assert(std::is_same_v<Acc, T>);
+      std::fill(out_row, out_row + features, T(0));
       for (int64_t e = first; e < last; ++e) {
-        const Acc w = values ? static_cast<Acc>(values[e]) : Acc(1);
         const T* x_row = x + col[e] * features;
-        for (int64_t f = 0; f < features; ++f) acc[f] += w * static_cast<Acc>(x_row[f]);
+        if (values) {
+          const T w = values[e];
+          for (int64_t f = 0; f < features; ++f) out_row[f] += w * x_row[f];
+        } else {
+          for (int64_t f = 0; f < features; ++f) out_row[f] += x_row[f];
+        }
       }
-      const Acc scale = row_scale<Acc>(last - first, reduce);
-      for (int64_t f = 0; f < features; ++f) out_row[f] = static_cast<T>(acc[f] * scale);
+      const T scale = row_scale<T>(last - first, reduce);
+      if (scale != T(1)) {
+        for (int64_t f = 0; f < features; ++f) out_row[f] *= scale;
+      }
     }
   });
 }

@@ -1,0 +1,123 @@
+"""spmm (sum, mean) vs torch.sparse.mm on a CSR tensor, vs index_add (scatter),
+vs dense mm where it fits; Cora and synthetic power-law graphs; forward and
+forward+backward; time, peak memory and achieved GB/s (bytes of the CSR, the
+gathered feature rows and the output; on GPU also as a fraction of the
+device's measured copy bandwidth).
+
+    python -m pytest benchmarks/bench_spmm.py --benchmark-only
+"""
+import functools
+import os
+
+import pytest
+import torch
+
+import pyattn
+from pyattn import reference
+from conftest import DEVICE
+
+PLANETOID = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "planetoid")
+IMPLS = ["pyattn", "torch_sparse", "scatter", "dense"]
+# (nodes, mean degree, feature width); CPU skips products over ~3e8 multiply-adds
+GRAPHS = [(n, d, f) for n in (10_000, 100_000, 1_000_000) for d in (10, 50) for f in (16, 256)]
+if DEVICE.type == "cpu":
+    GRAPHS = [g for g in GRAPHS if g[0] * g[1] * g[2] <= 3e8]
+
+
+def power_law_graph(nodes: int, degree: int, seed: int = 0):
+    """CSR of nodes * degree edges whose sources follow a Zipf-like law (a few hubs)."""
+    gen = torch.Generator().manual_seed(seed)
+    edges = nodes * degree
+    targets = torch.randint(nodes, (edges,), generator=gen)
+    ranks = torch.arange(1, nodes + 1, dtype=torch.float64)
+    sources = torch.multinomial(ranks ** -0.8, edges, replacement=True, generator=gen)
+    order = torch.argsort(targets * nodes + sources)
+    targets, sources = targets[order], sources[order]
+    counts = torch.bincount(targets, minlength=nodes)
+    rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return rowptr, sources
+
+
+@functools.lru_cache(maxsize=1)
+def copy_bandwidth_gbps() -> float:
+    """Device-to-device copy rate (read + write) of a 1 GiB tensor, in GB/s."""
+    src = torch.empty(2 ** 28, device=DEVICE)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 10 * 2 * src.numel() * 4 / (start.elapsed_time(end) / 1e3) / 1e9
+
+
+def cora_graph():
+    from pyattn.datasets import load_planetoid
+    from pyattn.graph import Graph
+    if not os.path.isdir(PLANETOID):
+        pytest.skip("needs ../shared/data/planetoid")
+    data = load_planetoid(PLANETOID, "cora")
+    g = Graph(data.edge_index, data.num_nodes)
+    return g.rowptr, g.col
+
+
+def run_case(measure, rowptr, col, features, reduce, passes, impl, name):
+    nodes = rowptr.numel() - 1
+    rowptr, col = rowptr.to(DEVICE), col.to(DEVICE)
+    x = torch.randn(nodes, features, device=DEVICE, requires_grad=passes != "forward")
+    lengths = rowptr.diff()
+    mean_weights = (1.0 / lengths.clamp(min=1).float()).repeat_interleave(lengths)
+    if impl == "pyattn":
+        transpose = pyattn.ops.spmm.csr_transpose(rowptr, col, nodes)
+        fn = lambda: pyattn.spmm(rowptr, col, x, reduce=reduce, check=False, transpose=transpose)
+    elif impl == "torch_sparse":
+        values = mean_weights if reduce == "mean" else torch.ones_like(mean_weights)
+        matrix = torch.sparse_csr_tensor(rowptr, col, values, (nodes, nodes))
+        fn = lambda: torch.sparse.mm(matrix, x)
+    elif impl == "scatter":
+        fn = lambda: reference.spmm(rowptr, col, x, reduce=reduce)
+    else:
+        if nodes * nodes * 4 > 2 ** 31:
+            pytest.skip("dense adjacency does not fit")
+        values = mean_weights if reduce == "mean" else torch.ones_like(mean_weights)
+        dense = torch.sparse_csr_tensor(rowptr, col, values, (nodes, nodes)).to_dense()
+        fn = lambda: dense @ x
+    if passes == "forward":
+        step = lambda: fn().detach()
+    else:
+        grad = torch.randn(nodes, features, device=DEVICE)
+
+        def step():
+            x.grad = None
+            fn().backward(grad)
+    edges = col.numel()
+    moved = edges * (8 + 4) + edges * features * 4 + nodes * features * 4
+    moved *= 1 if passes == "forward" else 3
+    info = dict(bytes=moved)
+    if DEVICE.type == "cuda":
+        info["copy_bandwidth_gbps"] = copy_bandwidth_gbps()
+    measure(step, f"spmm {name} F{features} {reduce} {passes}", impl,
+            rounds=3 if edges * features > 5e7 else 5, **info)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("passes", ["forward", "forward+backward"])
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+@pytest.mark.parametrize("features", [16, 64, 1433])
+def test_cora(measure, features, reduce, passes, impl):
+    rowptr, col = cora_graph()
+    run_case(measure, rowptr, col, features, reduce, passes, impl, "cora")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("passes", ["forward", "forward+backward"])
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+@pytest.mark.parametrize("graph", GRAPHS, ids=[f"n{n}-d{d}-f{f}" for n, d, f in GRAPHS])
+def test_power_law(measure, graph, reduce, passes, impl):
+    nodes, degree, features = graph
+    rowptr, col = power_law_graph(nodes, degree)
+    run_case(measure, rowptr, col, features, reduce, passes, impl,
+             f"power-law n={nodes:.0e} deg={degree}")
