@@ -97,9 +97,10 @@ class Datasets:
 
     def note(self) -> str:
         if self.protocol == "original":
+            n_val = len(self.val[1])
             return ("val protocol 'original': as in the seed, every set reseeds the generator "
-                    "with 42, so the validation images are the first 1000 training images and "
-                    "the test images are those same images shifted")
+                    f"with 42, so the validation images are the first {n_val} training images "
+                    "and the test images are those same draws shifted")
         return "val protocol 'fresh': validation and test are independent draws (seeds 43, 44)"
 
 

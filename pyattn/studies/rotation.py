@@ -31,15 +31,17 @@ CIFAR_TEST = "test_batch"
 
 
 def rotate(images: torch.Tensor, degrees: torch.Tensor | float, mode: str = "bilinear") -> torch.Tensor:
-    """Rotate (N, C, H, W) images counter-clockwise by `degrees` (a float or one
-    per image) about the centre; pixels from outside the image are zero."""
+    """Rotate (N, C, H, W) images counter-clockwise (as displayed, like
+    torch.rot90) by `degrees` (a float or one per image) about the centre;
+    pixels from outside the image are zero."""
     n = images.shape[0]
     angle = torch.as_tensor(degrees, dtype=torch.float32, device=images.device)
     angle = angle.expand(n) * (math.pi / 180.0)
     cos, sin = torch.cos(angle), torch.sin(angle)
     zero = torch.zeros_like(cos)
-    # grid_sample maps output coordinates to input ones: rotate by -angle
-    theta = torch.stack([torch.stack([cos, sin, zero], -1), torch.stack([-sin, cos, zero], -1)], 1)
+    # grid_sample maps each output pixel (x right, y down) to the input pixel it
+    # reads; this map turns the picture counter-clockwise as displayed (torch.rot90)
+    theta = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1)], 1)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid.to(images.dtype), mode=mode, padding_mode="zeros",
                          align_corners=False)
@@ -74,7 +76,11 @@ class _CifarUnpickler(pickle.Unpickler):
     """Only what CIFAR-10 batches hold: numpy arrays in a dict of lists."""
 
     def find_class(self, module, name):
+        import codecs
+
         allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                   # bytes in protocol-2 pickles written by Python 3 (text -> bytes only)
+                   ("_codecs", "encode"): codecs.encode,
                    ("numpy.core.multiarray", "_reconstruct"): np.core.multiarray._reconstruct,
                    ("numpy._core.multiarray", "_reconstruct"): np.core.multiarray._reconstruct}
         if (module, name) not in allowed:
