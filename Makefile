@@ -27,8 +27,14 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 test: build
 	$(PY) -m pytest tests -q
 
+# The main job: every seed study at the quick setting -> reports/REPORT.md.
+# Data found under $(DATA) (the project's shared data folder) is used; sections
+# whose data is missing are skipped with the reason.
+DATA ?= ../shared/data
 demo: build
-	$(PY) examples/cnn_padding.py --all --repeats 2 --epochs 15
+	$(PY) -m pyattn.reproduce --out reports \
+	  $$(test -f $(DATA)/text/grimms_fairy_tales.txt && echo --text $(DATA)/text/grimms_fairy_tales.txt) \
+	  $$(test -d $(DATA)/planetoid && echo --planetoid-dir $(DATA)/planetoid)
 
 bench: build
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,rounds

@@ -20,8 +20,11 @@ info = module.build_info()
 print(f"{args.library}: {info}")
 
 keys = ["CPU"] + (["CUDA"] if args.cuda else [])
-for op in ["padded_conv2d", "padded_conv2d_grad_input", "padded_conv2d_grad_weight"]:
-    for key in keys:
+both = ["padded_conv2d", "padded_conv2d_grad_input", "padded_conv2d_grad_weight",
+        "spmm_csr", "spmm_csr_edge_grad", "spmm_csr_max_backward"]
+cpu_only = ["flash_attention_forward", "flash_attention_backward"]  # GPU: Triton, from Python
+for op in both + cpu_only:
+    for key in keys if op in both else ["CPU"]:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyattn::{op}", key), (op, key)
 assert info["cuda"] == args.cuda, info
 

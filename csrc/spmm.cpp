@@ -58,4 +58,36 @@ void check_csr(const char* op, const at::Tensor& rowptr, const at::Tensor& col,
   }
 }
 
+void check_edge_grad(const char* op, const at::Tensor& rowptr, const at::Tensor& col,
+                     const at::Tensor& x, const at::Tensor& grad_out, Reduce reduce) {
+  TORCH_CHECK_VALUE(reduce != Reduce::Max, op, ": use spmm_csr_max_backward for reduce='max'");
+  check_csr(op, rowptr, col, c10::nullopt, x, false);
+  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == rowptr.size(0) - 1 &&
+                        grad_out.size(1) == x.size(1) &&
+                        grad_out.scalar_type() == x.scalar_type() &&
+                        grad_out.device() == x.device(),
+                    op, ": `grad_out` must be (", rowptr.size(0) - 1, ", ", x.size(1),
+                    ") of dtype ", x.scalar_type(), " on ", x.device());
+}
+
+void check_max_backward(const char* op, const at::Tensor& csc_ptr, const at::Tensor& csc_row,
+                        const at::Tensor& csc_perm, const at::Tensor& x, const at::Tensor& arg,
+                        const at::Tensor& grad_out) {
+  TORCH_CHECK_VALUE(csc_ptr.dim() == 1 && csc_ptr.size(0) == x.size(0) + 1 &&
+                        csc_row.dim() == 1 && csc_perm.sizes() == csc_row.sizes() &&
+                        csc_ptr.scalar_type() == at::kLong && csc_row.scalar_type() == at::kLong &&
+                        csc_perm.scalar_type() == at::kLong,
+                    op, ": the transposed CSR (csc_ptr of x.size(0) + 1, csc_row, csc_perm of "
+                    "one entry per edge, int64) does not match `x`");
+  TORCH_CHECK_VALUE(x.dim() == 2 && arg.sizes() == grad_out.sizes() &&
+                        arg.scalar_type() == at::kLong && grad_out.dim() == 2 &&
+                        grad_out.size(1) == x.size(1) && grad_out.scalar_type() == x.scalar_type(),
+                    op, ": `arg` (int64) and `grad_out` (", x.scalar_type(),
+                    ") must both be (rows, ", x.size(1), ")");
+  TORCH_CHECK(csc_ptr.device() == x.device() && csc_row.device() == x.device() &&
+                  csc_perm.device() == x.device() && arg.device() == x.device() &&
+                  grad_out.device() == x.device(),
+              op, ": all tensors must be on ", x.device());
+}
+
 }  // namespace pyattn

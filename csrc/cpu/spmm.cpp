@@ -109,14 +109,8 @@ at::Tensor spmm_csr_edge_grad_cpu(const at::Tensor& rowptr, const at::Tensor& co
                                   c10::string_view reduce_name) {
   constexpr const char* op = "spmm_csr_edge_grad";
   const Reduce reduce = parse_reduce(reduce_name);
-  TORCH_CHECK_VALUE(reduce != Reduce::Max, op, ": use spmm_csr_max_backward for reduce='max'");
-  check_csr(op, rowptr, col, c10::nullopt, x_in, false);
+  check_edge_grad(op, rowptr, col, x_in, grad_in, reduce);
   check_cpu_dtype(op, x_in);
-  TORCH_CHECK_VALUE(grad_in.dim() == 2 && grad_in.size(0) == rowptr.size(0) - 1 &&
-                        grad_in.size(1) == x_in.size(1) &&
-                        grad_in.scalar_type() == x_in.scalar_type(),
-                    op, ": `grad_out` must be (", rowptr.size(0) - 1, ", ", x_in.size(1),
-                    ") of dtype ", x_in.scalar_type());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
   const at::Tensor ptr = rowptr.contiguous(), idx = col.contiguous();
@@ -155,15 +149,7 @@ std::tuple<at::Tensor, at::Tensor> spmm_csr_max_backward_cpu(
     const at::Tensor& grad_in) {
   constexpr const char* op = "spmm_csr_max_backward";
   check_cpu_dtype(op, x_in);
-  TORCH_CHECK_VALUE(csc_ptr.dim() == 1 && csc_ptr.size(0) == x_in.size(0) + 1 &&
-                        csc_row.dim() == 1 && csc_perm.sizes() == csc_row.sizes() &&
-                        csc_ptr.scalar_type() == at::kLong && csc_row.scalar_type() == at::kLong &&
-                        csc_perm.scalar_type() == at::kLong,
-                    op, ": the transposed CSR (csc_ptr of x.size(0) + 1, csc_row, csc_perm of "
-                    "one entry per edge, int64) does not match `x`");
-  TORCH_CHECK_VALUE(arg_in.sizes() == grad_in.sizes() && arg_in.scalar_type() == at::kLong &&
-                        grad_in.dim() == 2 && grad_in.size(1) == x_in.size(1),
-                    op, ": `arg` and `grad_out` must both be (rows, ", x_in.size(1), ")");
+  check_max_backward(op, csc_ptr, csc_row, csc_perm, x_in, arg_in, grad_in);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor x = x_in.contiguous(), arg = arg_in.contiguous(), grad = grad_in.contiguous();
   const at::Tensor ptr = csc_ptr.contiguous(), rows = csc_row.contiguous(),

@@ -18,4 +18,13 @@ void check_csr(const char* op, const at::Tensor& rowptr, const at::Tensor& col,
                const c10::optional<at::Tensor>& values, const at::Tensor& x,
                bool check_values);
 
+// Arguments of spmm_csr_edge_grad (sum / mean only).
+void check_edge_grad(const char* op, const at::Tensor& rowptr, const at::Tensor& col,
+                     const at::Tensor& x, const at::Tensor& grad_out, Reduce reduce);
+
+// Arguments of spmm_csr_max_backward: the transposed CSR must match `x`.
+void check_max_backward(const char* op, const at::Tensor& csc_ptr, const at::Tensor& csc_row,
+                        const at::Tensor& csc_perm, const at::Tensor& x, const at::Tensor& arg,
+                        const at::Tensor& grad_out);
+
 }  // namespace pyattn
