@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import pyattn
+from pyattn.reference import naive_attention
 from conftest import DEVICE
 
 if DEVICE.type == "cuda":
@@ -26,16 +27,6 @@ else:
     DTYPE, SEQS = torch.float32, [256, 1024, 4096]
     SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_math": SDPBackend.MATH}
 IMPLS = ["pyattn", *SDPA_BACKENDS, "naive"]
-
-
-def naive_attention(q, k, v, causal):
-    """Materialised (seq x seq) scores, softmax, weighted sum."""
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    if causal:
-        n = q.shape[-2]
-        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores.float(), -1).to(q.dtype) @ v
 
 
 def attention(impl, q, k, v, causal):

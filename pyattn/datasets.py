@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 PLANETOID = ("cora", "citeseer")
+# numpy's array-unpickling helper: numpy._core in numpy 2 (numpy.core warns there).
+NUMPY_RECONSTRUCT = (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct
 PLANETOID_PARTS = ("x", "y", "tx", "ty", "allx", "ally", "graph")
 
 
@@ -41,13 +43,12 @@ class _PlanetoidUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         import collections
 
-        import numpy.core.multiarray  # noqa: F401  (numpy 1 / 2 both provide it)
         import scipy.sparse
 
         allowed = {
             ("numpy", "ndarray"): np.ndarray,
             ("numpy", "dtype"): np.dtype,
-            ("numpy.core.multiarray", "_reconstruct"): np.core.multiarray._reconstruct,
+            ("numpy.core.multiarray", "_reconstruct"): NUMPY_RECONSTRUCT,
             ("scipy.sparse.csr", "csr_matrix"): scipy.sparse.csr_matrix,
             ("scipy.sparse._csr", "csr_matrix"): scipy.sparse.csr_matrix,
             ("collections", "defaultdict"): collections.defaultdict,
@@ -72,8 +73,6 @@ def load_planetoid(root: str, name: str) -> GraphData:
     training, the next 500 for validation, the 1000 test nodes of ``test.index``.
     CiteSeer's test nodes missing from ``tx`` (isolated) get zero features.
     """
-    import warnings
-
     name = name.lower()
     if name not in PLANETOID:
         raise ValueError(f"unknown Planetoid data set {name!r}; choose from {PLANETOID}")
@@ -85,11 +84,9 @@ def load_planetoid(root: str, name: str) -> GraphData:
                                 "public Planetoid release, e.g. github.com/kimiyoung/planetoid "
                                 "data/, into --data-dir)")
     parts = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # numpy.core on numpy 2
-        for part in PLANETOID_PARTS:
-            with open(paths[part], "rb") as f:
-                parts[part] = safe_unpickle(f.read())
+    for part in PLANETOID_PARTS:
+        with open(paths[part], "rb") as f:
+            parts[part] = safe_unpickle(f.read())
     with open(paths["test.index"]) as f:
         test_index = np.array([int(line) for line in f if line.strip()])
     x, tx, allx = (np.asarray(parts[k].todense(), dtype=np.float32) for k in ("x", "tx", "allx"))

@@ -44,6 +44,18 @@ def attention(q, k, v, causal=False, scale=None):
     return out.to(q.dtype), lse
 
 
+def naive_attention(q, k, v, causal=False):
+    """softmax(mask(q k^T / sqrt(d))) v in the inputs' dtype, with the (seq_q x seq_k)
+    scores materialised (softmax in float32 at least); equal heads. Causal masking
+    aligns the last query with the last key, as pyattn.flash_attention."""
+    seq_q, seq_k = q.shape[-2], k.shape[-2]
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        keep = torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device).tril(seq_k - seq_q)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype) @ v
+
+
 def spmm(rowptr, col, x, values=None, reduce="sum"):
     """CSR x dense by ``scatter_reduce`` over edges (empty rows give 0)."""
     rows = rowptr.numel() - 1

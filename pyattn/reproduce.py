@@ -223,11 +223,9 @@ def q29_attention(report: Report, s: Setting, device):
     import pyattn
     from pyattn.profiling import peak_memory
 
-    def naive(q, k, v):
-        scores = torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, -1)
-        return scores @ v
+    from pyattn.reference import naive_attention
 
-    impls = {"naive": naive,
+    impls = {"naive": naive_attention,
              "torch SDPA": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
              "pyattn": lambda q, k, v: pyattn.flash_attention(q, k, v)}
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -1,7 +1,6 @@
 """The char-level GPT: model, sampling, generation, training, checkpoints, DDP."""
 import csv
 import os
-import shutil
 import subprocess
 import sys
 
@@ -9,7 +8,8 @@ import pytest
 import torch
 
 from pyattn.models import generation, trainer
-from pyattn.models.gpt import GPT, GPTConfig, naive_causal_attention
+from pyattn.models.gpt import GPT, GPTConfig
+from pyattn.reference import naive_attention
 from pyattn.models.sampling import next_token, top_k_filter, top_p_filter
 from pyattn.models.text import CharTokenizer
 
@@ -48,7 +48,7 @@ def test_attention_paths_agree_and_naive_rows_sum_to_one():
     torch.testing.assert_close(outputs[0], outputs[1])
     torch.testing.assert_close(outputs[0], outputs[2])
     q, k = torch.randn(2, 2, 5, 8, dtype=torch.float64), torch.randn(2, 2, 7, 8, dtype=torch.float64)
-    probs = naive_causal_attention(q, k, torch.eye(7, dtype=torch.float64).expand(2, 2, 7, 7))
+    probs = naive_attention(q, k, torch.eye(7, dtype=torch.float64).expand(2, 2, 7, 7), causal=True)
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 5, dtype=torch.float64))
 
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 import pyattn
 from pyattn import reference
 from pyattn.profiling import peak_memory
-from conftest import CUDA, requires_cuda
+from conftest import requires_cuda
 
 MODES = ["zeros", "reflect", "replicate", "circular"]
 # (h, w) paddings: symmetric 0..3 and asymmetric h != w.

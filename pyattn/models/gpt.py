@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from pyattn.nn import CausalSelfAttention
 from pyattn.ops.flash_attention import flash_attention
+from pyattn.reference import naive_attention
 
 ATTENTION = ("pyattn", "sdpa", "naive")
 PRESETS = {
@@ -59,16 +60,6 @@ def new_gelu(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
-def naive_causal_attention(q, k, v):
-    """softmax(mask(q k^T / sqrt(d))) v with the (seq_q x seq_k) matrix built;
-    the last query aligned with the last key (as flash_attention)."""
-    seq_q, seq_k = q.shape[-2], k.shape[-2]
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    keep = torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device).tril(seq_k - seq_q)
-    probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
-    return probs @ v
-
-
 class Attention(CausalSelfAttention):
     """Causal self-attention with a choice of kernel and a key/value cache."""
 
@@ -94,7 +85,7 @@ class Attention(CausalSelfAttention):
             # it only where that agrees with ours (no cache, or one new token).
             y = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
         else:
-            y = naive_causal_attention(q, k, v)
+            y = naive_attention(q, k, v, causal=True)
         return self.merge_heads(y)
 
 

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import math
 import os
 import pickle
 import tarfile
-from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pyattn.datasets import NUMPY_RECONSTRUCT
 from pyattn.nn import PaddedConv2d
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -81,8 +80,8 @@ class _CifarUnpickler(pickle.Unpickler):
         allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
                    # bytes in protocol-2 pickles written by Python 3 (text -> bytes only)
                    ("_codecs", "encode"): codecs.encode,
-                   ("numpy.core.multiarray", "_reconstruct"): np.core.multiarray._reconstruct,
-                   ("numpy._core.multiarray", "_reconstruct"): np.core.multiarray._reconstruct}
+                   ("numpy.core.multiarray", "_reconstruct"): NUMPY_RECONSTRUCT,
+                   ("numpy._core.multiarray", "_reconstruct"): NUMPY_RECONSTRUCT}
         if (module, name) not in allowed:
             raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: not in a "
                                          "CIFAR-10 batch")
@@ -90,9 +89,7 @@ class _CifarUnpickler(pickle.Unpickler):
 
 
 def _load_cifar_batch(path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    import warnings
-    with open(path, "rb") as f, warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with open(path, "rb") as f:
         batch = _CifarUnpickler(f, encoding="bytes").load()
     data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
     return torch.from_numpy(data.astype(np.float32) / 255.0), torch.tensor(batch[b"labels"])
