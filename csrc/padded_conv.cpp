@@ -23,6 +23,7 @@ namespace {
 // below the batch-sized padded copy that F.pad + conv2d allocates. The CPU
 // backend holds one sample's columns per thread.
 constexpr int64_t kWorkspaceBytes = 16 << 20;
+constexpr int64_t kTileBytes = 1 << 20;
 
 PadMode parse_padding_mode(std::string_view mode) {
   if (mode == "zeros") return PadMode::Zeros;
@@ -145,12 +146,12 @@ int64_t block_count(const ConvBackend& backend, const ConvProblem& p) {
 // kWorkspaceBytes, in order on the stream, all in block 0.
 template <typename F>
 void for_each_chunk(const ConvBackend& backend, const ConvProblem& p,
-                    const at::TensorOptions& options, const F& body) {
+                    const at::TensorOptions& options, int64_t plane, const F& body) {
   const ConvGeometry& g = p.geometry;
   if (backend.gemm_per_thread) {
     const int64_t blocks = block_count(backend, p);
     const at::Tensor workspace =
-        at::empty({at::get_num_threads(), 1, g.col_rows(), g.out_plane()}, options);
+        at::empty({at::get_num_threads(), 1, g.col_rows(), plane}, options);
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       const at::Tensor cols = workspace.select(0, at::get_thread_num());
       for (int64_t block = begin; block < end; ++block) {
@@ -161,12 +162,42 @@ void for_each_chunk(const ConvBackend& backend, const ConvProblem& p,
     });
     return;
   }
-  const int64_t bytes = g.cols_per_sample() * options.dtype().itemsize();
+  const int64_t bytes = g.col_rows() * plane * options.dtype().itemsize();
   const int64_t chunk = std::clamp<int64_t>(kWorkspaceBytes / bytes, 1, p.batch);
-  const at::Tensor workspace = at::empty({chunk, g.col_rows(), g.out_plane()}, options);
+  const at::Tensor workspace = at::empty({chunk, g.col_rows(), plane}, options);
   for (int64_t n0 = 0; n0 < p.batch; n0 += chunk) {
     const int64_t count = std::min(chunk, p.batch - n0);
     body(0, n0, count, workspace.narrow(0, 0, count));
+  }
+}
+
+// Output rows per im2col tile. On CPU a tile's columns stay within ~1 MiB so
+// they are still in cache when the GEMM reads them; CUDA takes whole planes.
+int64_t tile_rows(const ConvBackend& backend, const ConvGeometry& g, int64_t element_size) {
+  if (!backend.gemm_per_thread) return g.h.out_size;
+  const int64_t row_bytes = g.col_rows() * g.w.out_size * element_size;
+  return std::clamp<int64_t>(kTileBytes / row_bytes, 1, g.h.out_size);
+}
+
+// The geometry of output rows [first, first + rows): the same taps, shifted.
+ConvGeometry row_tile(const ConvGeometry& g, int64_t first, int64_t rows) {
+  ConvGeometry tile = g;
+  tile.h.out_size = rows;
+  tile.h.pad_before = g.h.pad_before - first * g.h.stride;  // tap_coordinate(o) unchanged
+  return tile;
+}
+
+// Calls body(first_row, tile_geometry, cols) for each row tile of `count`
+// samples, `cols` the tile's (count, C*KH*KW, rows*Wo) view of `workspace`.
+template <typename F>
+void for_each_row_tile(const ConvBackend& backend, const ConvGeometry& g, int64_t count,
+                       const at::Tensor& workspace, const F& body) {
+  const int64_t step = tile_rows(backend, g, workspace.element_size());
+  for (int64_t first = 0; first < g.h.out_size; first += step) {
+    const ConvGeometry tile = row_tile(g, first, std::min(step, g.h.out_size - first));
+    body(first, tile,
+         workspace.view(-1).narrow(0, 0, count * tile.cols_per_sample())
+             .view({count, g.col_rows(), tile.out_plane()}));
   }
 }
 
@@ -203,15 +234,20 @@ at::Tensor padded_conv2d_forward(const ConvBackend& backend, const at::Tensor& i
   at::Tensor out = at::empty({p.batch, p.out_channels, g.h.out_size, g.w.out_size},
                              input.options());
   const at::Tensor out_rows = out.view({p.batch, p.out_channels, g.out_plane()});
-  for_each_chunk(backend, p, x.options(), [&](int64_t, int64_t n0, int64_t count,
-                                                const at::Tensor& cols) {
-    backend.im2col(x.narrow(0, n0, count), cols, g);
-    for (int64_t i = 0; i < count; ++i) {
-      for (int64_t grp = 0; grp < groups; ++grp) {
-        at::Tensor dst = slab(out_rows, n0 + i, groups, grp);
-        at::mm_out(dst, w.select(0, grp), slab(cols, i, groups, grp));
+  const int64_t plane = tile_rows(backend, g, x.element_size()) * g.w.out_size;
+  for_each_chunk(backend, p, x.options(), plane, [&](int64_t, int64_t n0, int64_t count,
+                                                       const at::Tensor& workspace) {
+    for_each_row_tile(backend, g, count, workspace, [&](int64_t first, const ConvGeometry& tile,
+                                                        const at::Tensor& cols) {
+      backend.im2col(x.narrow(0, n0, count), cols, tile);
+      for (int64_t i = 0; i < count; ++i) {
+        for (int64_t grp = 0; grp < groups; ++grp) {
+          at::Tensor dst = slab(out_rows, n0 + i, groups, grp)
+                               .narrow(1, first * g.w.out_size, tile.out_plane());
+          at::mm_out(dst, w.select(0, grp), slab(cols, i, groups, grp));
+        }
       }
-    }
+    });
   });
   if (bias.has_value()) out.add_(bias->view({1, p.out_channels, 1, 1}));
   return out;
@@ -237,8 +273,8 @@ at::Tensor padded_conv2d_grad_input(const ConvBackend& backend, const at::Tensor
                             .view({groups, p.out_channels / groups, -1})
                             .transpose(1, 2);
   at::Tensor grad_input = at::empty(input.sizes(), input.options());
-  for_each_chunk(backend, p, input.options(), [&](int64_t, int64_t n0, int64_t count,
-                                                    const at::Tensor& cols) {
+  for_each_chunk(backend, p, input.options(), g.out_plane(),
+                 [&](int64_t, int64_t n0, int64_t count, const at::Tensor& cols) {
     for (int64_t i = 0; i < count; ++i) {
       for (int64_t grp = 0; grp < groups; ++grp) {
         at::Tensor dst = slab(cols, i, groups, grp);
@@ -272,21 +308,26 @@ at::Tensor padded_conv2d_grad_weight(const ConvBackend& backend, const at::Tenso
   const at::Tensor partials =
       at::zeros({block_count(backend, p), groups, p.out_channels / groups, g.col_rows() / groups},
                 input.options().dtype(acc_type));
-  for_each_chunk(backend, p, x.options(), [&](int64_t block, int64_t n0, int64_t count,
-                                              const at::Tensor& cols) {
-    backend.im2col(x.narrow(0, n0, count), cols, g);
-    for (int64_t i = 0; i < count; ++i) {
-      for (int64_t grp = 0; grp < groups; ++grp) {
-        at::Tensor dst = partials.select(0, block).select(0, grp);
-        const at::Tensor go_slab = slab(go, n0 + i, groups, grp);
-        const at::Tensor cols_t = slab(cols, i, groups, grp).t();
-        if (acc_type == input.scalar_type()) {
-          dst.addmm_(go_slab, cols_t);
-        } else {
-          dst.add_(at::mm(go_slab, cols_t));
+  const int64_t plane = tile_rows(backend, g, x.element_size()) * g.w.out_size;
+  for_each_chunk(backend, p, x.options(), plane, [&](int64_t block, int64_t n0, int64_t count,
+                                                     const at::Tensor& workspace) {
+    for_each_row_tile(backend, g, count, workspace, [&](int64_t first, const ConvGeometry& tile,
+                                                        const at::Tensor& cols) {
+      backend.im2col(x.narrow(0, n0, count), cols, tile);
+      for (int64_t i = 0; i < count; ++i) {
+        for (int64_t grp = 0; grp < groups; ++grp) {
+          at::Tensor dst = partials.select(0, block).select(0, grp);
+          const at::Tensor go_slab = slab(go, n0 + i, groups, grp)
+                                         .narrow(1, first * g.w.out_size, tile.out_plane());
+          const at::Tensor cols_t = slab(cols, i, groups, grp).t();
+          if (acc_type == input.scalar_type()) {
+            dst.addmm_(go_slab, cols_t);
+          } else {
+            dst.add_(at::mm(go_slab, cols_t));
+          }
         }
       }
-    }
+    });
   });
   const at::Tensor acc = partials.sum(0);
   return acc.view(weight.sizes()).to(input.scalar_type());

@@ -121,6 +121,15 @@ def test_workspace_chunking_and_padded_copy_is_never_made():
     assert ours < padded_bytes < theirs, (ours, padded_bytes, theirs)
 
 
+@pytest.mark.parametrize("mode", ["reflect", "circular"])
+def test_many_row_tiles(mode):
+    # 1600 column rows x 40 columns of float64 = 512 KB per output row: the CPU
+    # kernels run im2col + GEMM in tiles of 2 output rows (11 tiles here).
+    x = torch.randn(2, 64, 41, 40, dtype=torch.float64)
+    w = torch.randn(3, 64, 5, 5, dtype=torch.float64)
+    _check(x, w, torch.randn(3, dtype=torch.float64), (2, 1), 2, 1, 1, mode)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcheck(mode):
     x = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
