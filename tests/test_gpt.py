@@ -203,8 +203,19 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, small_text):
 
 
 @requires_grimm
-def test_grimm_text_loads_and_encodes():
+def test_grimm_text_loads_without_gutenberg_boilerplate():
     from pyattn.models.text import load_text
     text = load_text(GRIMM)
+    raw = load_text(GRIMM, strip_boilerplate=False)
+    assert raw.startswith("The Project Gutenberg") and "FULL LICENSE" in raw
+    assert "Gutenberg" not in text[:2000] and "FULL LICENSE" not in text
+    assert len(text) > 0.9 * len(raw)
     tok = CharTokenizer.from_text(text)
     assert not text.startswith("\ufeff") and tok.decode(tok.encode(text[:500])) == text[:500]
+
+
+def test_strip_gutenberg_keeps_plain_text():
+    from pyattn.models.text import strip_gutenberg
+    assert strip_gutenberg("just text\n") == "just text\n"
+    book = "header\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\nbody\n*** END OF THE X ***\nlicence"
+    assert strip_gutenberg(book) == "body\n"

@@ -30,6 +30,8 @@ CHECKPOINT_KEYS = {"config", "chars", "model", "optimizer", "step", "rng", "args
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a character-level GPT (seed Q2).")
     p.add_argument("--text", required=True, help="UTF-8 training text")
+    p.add_argument("--keep-boilerplate", action="store_true",
+                   help="keep a Project Gutenberg header and licence (stripped by default)")
     p.add_argument("--model-type", default="gpt-micro", choices=sorted(PRESETS))
     p.add_argument("--out-dir", default="runs/gpt", help="checkpoint OUT/ckpt.pt, log, plot")
     p.add_argument("--block-size", type=int, default=128)
@@ -169,7 +171,7 @@ def train(args, stop_after: Optional[int] = None) -> dict:
                          f"{world} processes")
     main_process = rank == 0
 
-    text = load_text(args.text)
+    text = load_text(args.text, strip_boilerplate=not args.keep_boilerplate)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
     tokenizer = CharTokenizer(ckpt["chars"]) if ckpt else CharTokenizer.from_text(text)
