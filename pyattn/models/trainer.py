@@ -180,8 +180,9 @@ def train(args, stop_after: Optional[int] = None) -> dict:
         args.max_steps = max(1, int(args.epochs * len(train_ids) / (args.batch_size * args.block_size)))
 
     torch.manual_seed(args.seed)
-    if ckpt:
+    if ckpt:  # the architecture (block size included) is the checkpoint's
         config = GPTConfig(**{**ckpt["config"], "attn": args.attn})
+        args.block_size = config.block_size
     else:
         config = GPTConfig.preset(args.model_type, vocab_size=tokenizer.vocab_size,
                                   block_size=args.block_size, dropout=args.dropout,
