@@ -11,12 +11,14 @@ import torch
 
 
 @functools.lru_cache(maxsize=1)
-def _fix_mmap_threshold() -> None:
+def track_large_allocations() -> None:
     """Serve every allocation >= 128 KiB by mmap and give it back when freed.
 
     glibc raises its mmap threshold after large frees, after which big tensors
     reuse resident heap pages and a peak resident-set reading misses them.
-    Setting the threshold explicitly turns that adjustment off.
+    Setting the threshold explicitly turns that adjustment off. ``peak_memory``
+    calls this; a long-running program that measures CPU memory late (after
+    heavy work) should call it at its start.
     """
     libc_name = ctypes.util.find_library("c")
     if libc_name:
@@ -51,7 +53,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
     elif device.type == "cpu":
-        _fix_mmap_threshold()
+        track_large_allocations()
         try:
             with open("/proc/self/clear_refs", "w") as clear_refs:
                 clear_refs.write("5")  # reset VmHWM to the current RSS

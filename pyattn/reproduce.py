@@ -363,6 +363,8 @@ def main(argv=None) -> str:
     p.add_argument("--cifar-dir", help="CIFAR-10 python batches (default: built-in digits)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    from pyattn.profiling import track_large_allocations
+    track_large_allocations()  # before any large allocation, so Q2.9's memory figures are exact
     setting = SETTINGS[args.setting or ("full" if args.full else "quick")]
     device = torch.device(args.device)
     report = Report(args.out)
