@@ -1,5 +1,6 @@
 """Triton kernels of pyattn, installed as ``pyattn.kernels``.
 
-Each kernel lives in its own module and is imported lazily by the op that uses
-it, so importing pyattn never needs Triton.
+Each kernel lives in its own module, imported by the op that launches it. pyattn
+imports and runs its C++ backends without Triton installed; the Triton backend
+is then unavailable (``python -m pyattn info`` says so).
 """
