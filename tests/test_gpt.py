@@ -12,10 +12,10 @@ from pyattn.models.gpt import GPT, GPTConfig
 from pyattn.reference import naive_attention
 from pyattn.models.sampling import next_token, top_k_filter, top_p_filter
 from pyattn.models.text import CharTokenizer
+from conftest import data_path, requires_data
 
-GRIMM = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "text",
-                     "grimms_fairy_tales.txt")
-requires_grimm = pytest.mark.skipif(not os.path.exists(GRIMM), reason="needs ../shared/data")
+GRIMM = data_path("text", "grimms_fairy_tales.txt")
+requires_grimm = requires_data("text", "grimms_fairy_tales.txt")
 
 
 def tiny(attn="pyattn", rope=True, **kw):

@@ -7,9 +7,10 @@ import torch
 from pyattn import graph as G
 from pyattn.datasets import karate_club, load_planetoid, safe_unpickle
 from pyattn.nn import GCNConv, GraphConv, MessagePassing
+from conftest import data_path, requires_data
 
-PLANETOID = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "planetoid")
-requires_planetoid = pytest.mark.skipif(not os.path.isdir(PLANETOID), reason="needs ../shared/data")
+PLANETOID = data_path("planetoid")
+requires_planetoid = requires_data("planetoid", "ind.cora.graph")
 
 # The seed's Q3.1 graphs, from its adjacency matrices (nodes 1..n there, 0..n-1 here).
 LEFT = torch.tensor([[0, 1, 1, 0, 1], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [0, 0, 1, 0, 0],

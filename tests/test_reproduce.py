@@ -9,7 +9,7 @@ import torch
 from pyattn import reproduce
 from pyattn.studies import rotation
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+from conftest import DATA_DIR as DATA
 
 
 def test_report_tiny_end_to_end(tmp_path):
