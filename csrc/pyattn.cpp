@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "pyattn/spmm.h"
+
 #ifndef PYATTN_CUDA_ARCHS
 #define PYATTN_CUDA_ARCHS ""
 #endif
@@ -27,9 +29,11 @@ TORCH_LIBRARY(pyattn, m) {
   m.def(
       "flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
-  // CSR sparse x dense: returns (out, arg); arg is the arg-max edge per output
-  // element for reduce='max' (-1 for empty rows), else empty. The transposed
-  // CSR (csc_*) is not read here: it is passed so the backward can use it.
+  // CSR sparse x dense (int32 or int64 indices): returns (out, arg); arg is the
+  // arg-max / arg-min edge per output element for reduce='max' / 'min' (-1 for
+  // empty rows), else empty. The transposed CSR (csc_*) is only checked here:
+  // it is passed so the backward can use it. spmm_csr_max_backward serves
+  // both 'max' and 'min' (it follows `arg`).
   m.def(
       "spmm_csr(Tensor rowptr, Tensor col, Tensor? values, Tensor x, str reduce, bool check, "
       "Tensor? csc_ptr, Tensor? csc_row, Tensor? csc_perm) -> (Tensor, Tensor)");
@@ -59,5 +63,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["openmp"] = false;
 #endif
     return info;
+  });
+  // The CUDA spmm launcher's plan (pyattn/spmm.h), computed here on any build
+  // so CPU tests check the launch geometry the GPU would use.
+  m.def("spmm_cuda_plan", [](int64_t rows, int64_t features, int element_size, bool aligned,
+                                bool extremum) {
+    const pyattn::SpmmPlan plan =
+        pyattn::plan_spmm(rows, features, element_size, aligned, extremum);
+    py::dict d;
+    d["lanes"] = plan.lanes;
+    d["vector"] = plan.vector;
+    d["chunks"] = plan.chunks;
+    d["feature_passes"] = plan.feature_passes;
+    d["rows_per_block"] = plan.rows_per_block;
+    d["blocks"] = plan.blocks;
+    d["launches"] = plan.launches;
+    return d;
   });
 }

@@ -1,7 +1,8 @@
 """Seed Q3: GraphConv (eq. 6) or GCN node classification, mean ± std over seeds.
 
-    python examples/gcn.py                                   # karate club, built in
-    python examples/gcn.py --dataset cora --data-dir ../shared/data/planetoid --model gcn
+    python examples/gcn.py                       # GCN on Cora, from the shipped data/planetoid
+    python examples/gcn.py --dataset karate      # the built-in karate club
+    python examples/gcn.py --dataset citeseer --data-dir /elsewhere/planetoid --model graphconv
 """
 import argparse
 
@@ -13,8 +14,10 @@ from pyattn.studies import gcn
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=["cora", "citeseer", "karate"], default="karate")
-    parser.add_argument("--data-dir", help="directory of the Planetoid ind.<name>.* files")
+    parser.add_argument("--dataset", choices=["cora", "citeseer", "karate"], default="cora")
+    parser.add_argument("--data-dir", default=gcn.SHIPPED_PLANETOID,
+                        help="directory of the Planetoid ind.<name>.* files "
+                             "(default: the repository's data/planetoid)")
     parser.add_argument("--model", choices=gcn.MODELS, default="gcn")
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=200)

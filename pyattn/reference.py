@@ -57,16 +57,19 @@ def naive_attention(q, k, v, causal=False):
 
 
 def spmm(rowptr, col, x, values=None, reduce="sum"):
-    """CSR x dense by ``scatter_reduce`` over edges (empty rows give 0)."""
+    """CSR x dense by ``scatter_reduce`` over edges (empty rows give 0; max / min
+    propagate NaN as ``torch.amax`` / ``amin``)."""
     rows = rowptr.numel() - 1
-    row_of_edge = torch.repeat_interleave(torch.arange(rows, device=x.device), rowptr.diff())
+    lengths = rowptr.diff().long()
+    row_of_edge = torch.repeat_interleave(torch.arange(rows, device=x.device), lengths)
+    col = col.long()
     terms = x[col] if values is None else values[:, None] * x[col]
-    index = row_of_edge[:, None].expand_as(terms)
-    if reduce == "max":
-        out = torch.full((rows, x.shape[1]), float("-inf"), dtype=x.dtype, device=x.device)
-        out = out.scatter_reduce(0, index, terms, reduce="amax", include_self=True)
-        return torch.where(torch.isinf(out), torch.zeros_like(out), out)
+    if reduce in ("max", "min"):
+        index = row_of_edge[:, None].expand_as(terms)
+        out = torch.zeros(rows, x.shape[1], dtype=x.dtype, device=x.device)
+        out = out.scatter_reduce(0, index, terms, reduce="a" + reduce, include_self=False)
+        return torch.where(lengths[:, None] > 0, out, torch.zeros_like(out))
     out = torch.zeros(rows, x.shape[1], dtype=x.dtype, device=x.device).index_add(0, row_of_edge, terms)
     if reduce == "mean":
-        out = out / rowptr.diff().clamp(min=1).to(x.dtype)[:, None]
+        out = out / lengths.clamp(min=1).to(x.dtype)[:, None]
     return out

@@ -3,6 +3,7 @@ Welling's GCN on Cora / CiteSeer (or the built-in karate club)."""
 from __future__ import annotations
 
 import copy
+import os
 import dataclasses
 from typing import Optional
 
@@ -45,12 +46,17 @@ class GCNConfig:
     patience: int = 20
 
 
-def load_dataset(name: str, data_dir: Optional[str]) -> GraphData:
+# The Planetoid files shipped with the repository (data/planetoid; see its README).
+SHIPPED_PLANETOID = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "data", "planetoid")
+
+
+def load_dataset(name: str, data_dir: Optional[str] = None) -> GraphData:
+    """``karate`` (built in) or a Planetoid set from ``data_dir`` (default: the
+    repository's data/planetoid)."""
     if name == "karate":
         return karate_club()
-    if data_dir is None:
-        raise ValueError(f"--data-dir is needed for {name} (the directory of the Planetoid "
-                         "ind.<name>.* files)")
+    data_dir = data_dir or SHIPPED_PLANETOID
     data = load_planetoid(data_dir, name)
     # row-normalised bag-of-words features, as Kipf & Welling
     data.x = data.x / data.x.sum(1, keepdim=True).clamp(min=1)
