@@ -43,7 +43,8 @@ def spmm_case(draw):
         features_at = torch.randint(0, features, (2,), generator=gen)
         x[nodes_at, features_at] = float(special)
     values = torch.randn(edges, dtype=dtype, generator=gen) if draw(st.booleans()) else None
-    malformed = draw(st.sampled_from(MALFORMED))
+    # half the cases well-formed, so the value comparison gets its share
+    malformed = draw(st.sampled_from(MALFORMED[1:])) if draw(st.booleans()) else "none"
     return dict(rowptr=rowptr.to(index_dtype), col=col.to(index_dtype), x=x, values=values,
                 reduce=reduce, malformed=malformed, special=special)
 
