@@ -49,8 +49,10 @@ class GraphConv(nn.Module):
 class GCNConv(nn.Module):
     r"""Kipf & Welling's graph convolution:
     :math:`X' = \hat D^{-1/2} (A + I) \hat D^{-1/2} X W (+ b)`, with
-    :math:`\hat D` the degrees of :math:`A + I`. Build the graph with
-    ``self_loops=True``; the edge weights are cached on it.
+    :math:`\hat D` the (weighted) degrees of :math:`A + I`, as PyG's ``gcn_norm``.
+    Build the graph with ``self_loops=True``; a weighted graph
+    (``Graph(..., edge_weight=w)``) uses its weights, the added self loops
+    weigh ``fill_value`` (default 1). The normalised weights are cached on the graph.
 
     Shapes: x ``(num_nodes, in_features)`` -> ``(num_nodes, out_features)``.
     """

@@ -110,13 +110,20 @@ def spmm(rowptr: torch.Tensor, col: torch.Tensor, x: torch.Tensor,
     if len(csc) != 3:
         raise ValueError("spmm: `transpose` must be (csc_ptr, csc_row, csc_perm)")
     args = (rowptr, col, values, x, reduce, check, *csc)
-    if torch.compiler.is_compiling():
-        # Dynamo cannot trace a custom jvp; the op's registered autograd (the same
-        # backward) serves compiled graphs.
-        out, _ = torch.ops.pyattn.spmm_csr(*args)
-    else:
+    if not torch.compiler.is_compiling() and _forward_mode_possible():
         out, _ = _SpmmFunction.apply(*args)
+    else:
+        # The op's registered autograd (the same backward) serves eager reverse
+        # mode without _SpmmFunction's per-call cost, and compiled graphs (Dynamo
+        # cannot trace a custom jvp).
+        out, _ = torch.ops.pyattn.spmm_csr(*args)
     return out
+
+
+def _forward_mode_possible() -> bool:
+    """Inside torch.autograd.forward_ad.dual_level() or a torch.func transform."""
+    return torch.autograd.forward_ad._current_level >= 0 or \
+        torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _check_fake_devices(op: str, x, **tensors):
