@@ -113,3 +113,12 @@ def test_mean_scale_is_float32_for_bfloat16_and_float16_degrees():
                                  "mean")
     per_edge = torch.repeat_interleave(exact[1:], lengths[1:]).to(torch.bfloat16)
     assert torch.equal(weights, per_edge)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_edge_grad_opcheck(problem, reduce):
+    """The edge-gradient op is itself a differentiable torch op (for double backward)."""
+    rowptr, col, x, _ = problem
+    grad_out = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.pyattn.spmm_csr_edge_grad,
+                          (rowptr, col, x.detach().requires_grad_(), grad_out, reduce))
