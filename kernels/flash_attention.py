@@ -11,10 +11,11 @@ mask tile by tile and nothing of size seq x seq is stored (``_dropout_keep``).
 Forward: queries are tiled in BLOCK_M rows that stream over BLOCK_N keys with an
 online softmax kept in base 2 (exp2 of scores times scale * log2 e); only the
 row log-sum-exp is saved. Backward: two kernels recompute P tile by tile. dk/dv
-runs per (key block, kv head), looping over the query heads of its group and
-their query blocks, with the transposed tile S^T = K Q^T so P^T and dS^T feed
-the dk / dv dots without a transpose; dq runs per (query block, head). Each
-output tile has one writer: no atomics, deterministic.
+runs per (key block, query head) over its query blocks, with the transposed
+tile S^T = K Q^T so P^T and dS^T feed the dk / dv dots without a transpose
+(grouped-query heads write per-head shares that the op sums in float32, as
+FlashAttention-2 does); dq runs per (query block, head). Each output tile has
+one writer: no atomics, deterministic.
 
 Causal loops run in two stages: tiles wholly below the diagonal without any
 mask, then the tiles that cross it (and the sequence tail) with the mask.
@@ -251,16 +252,19 @@ def _flash_bwd_dkdv_kernel(
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, KV_H, GROUP, N_Q, N_K, scale, dropout_p, seed, SEQ_BUCKET,
+    H, GROUP, N_Q, N_K, scale, dropout_p, seed, SEQ_BUCKET,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Grid: (cdiv(N_K, BLOCK_N) * B * KV_H,); BLOCK_N keys per program, BLOCK_M
-    queries per step."""
-    pid_n, bkv = _split_program(tl.cdiv(N_K, BLOCK_N))
-    b = bkv // KV_H
-    kvh = bkv % KV_H
+    """Grid: (cdiv(N_K, BLOCK_N) * B * H,); BLOCK_N keys per program, BLOCK_M
+    queries per step. DK, DV are (B, H, N_K, D): query head h's share of the
+    gradient of its kv head h // GROUP (the op sums the shares of a group; a
+    loop over the group here costs ~100 registers and spills)."""
+    pid_n, bh = _split_program(tl.cdiv(N_K, BLOCK_N))
+    b = bh // H
+    h = bh % H
+    kvh = h // GROUP
     n0 = pid_n * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -269,34 +273,30 @@ def _flash_bwd_dkdv_kernel(
                    HEAD_DIM, BLOCK_D)
     v = _load_rows(V + b * stride_vb + kvh * stride_vh, cols, stride_vn, offs_d, stride_vd, N_K,
                    HEAD_DIM, BLOCK_D)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_gb + h * stride_gh
     qk_scale = scale * LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # Causal: queries before `start` see none of these keys; from `full` on they see all.
-    start = 0
     full = 0
     if CAUSAL:
+        # Queries before `start` see none of these keys; from `full` on they see all.
         start = tl.maximum(n0 - (N_K - N_Q), 0) // BLOCK_M * BLOCK_M
         full = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - (N_K - N_Q), 0), BLOCK_M) * BLOCK_M,
                           tl.cdiv(N_Q, BLOCK_M) * BLOCK_M)
-    for h in range(kvh * GROUP, kvh * GROUP + GROUP):
-        bh = b * H + h
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_gb + h * stride_gh
-        if CAUSAL:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, stride_qm, stride_qd, stride_gm,
-                                 stride_gd, LSE, DELTA, bh, cols, offs_m, offs_d, start, full, N_Q,
-                                 N_K, qk_scale, dropout_p, seed, True, DROPOUT, HEAD_DIM, BLOCK_D,
-                                 BLOCK_M, DOT_PRECISION)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, stride_qm, stride_qd, stride_gm,
-                             stride_gd, LSE, DELTA, bh, cols, offs_m, offs_d, full, N_Q, N_Q, N_K,
-                             qk_scale, dropout_p, seed, False, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M,
+                             stride_gd, LSE, DELTA, bh, cols, offs_m, offs_d, start, full, N_Q, N_K,
+                             qk_scale, dropout_p, seed, True, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M,
                              DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, stride_qm, stride_qd, stride_gm,
+                         stride_gd, LSE, DELTA, bh, cols, offs_m, offs_d, full, N_Q, N_Q, N_K,
+                         qk_scale, dropout_p, seed, False, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M,
+                         DOT_PRECISION)
     if DROPOUT:
         dv = dv / (1.0 - dropout_p)
-    _store_rows(DK + b * stride_dkb + kvh * stride_dkh, cols, stride_dkn, offs_d, stride_dkd, N_K,
+    _store_rows(DK + b * stride_dkb + h * stride_dkh, cols, stride_dkn, offs_d, stride_dkd, N_K,
                 dk * scale, HEAD_DIM, BLOCK_D)
-    _store_rows(DV + b * stride_dvb + kvh * stride_dvh, cols, stride_dvn, offs_d, stride_dvd, N_K,
+    _store_rows(DV + b * stride_dvb + h * stride_dvh, cols, stride_dvn, offs_d, stride_dvd, N_K,
                 dv, HEAD_DIM, BLOCK_D)
 
 

@@ -209,6 +209,16 @@ def problems(result: dict) -> list[str]:
     return found
 
 
+HEADER = (f"{'kernel / dtype / head_dim / mask / dropout / tiles':<58} {'smem':>7} {'regs':>4} "
+          f"{'spill':>5}  dots")
+
+
+def _row(result: dict, bad: list[str]) -> str:
+    spills = result["spills"] if result["spills"] is not None else "?"
+    return (f"{result['job'].label():<58} {result['shared'] or 0:>7} {result['registers'] or 0:>4} "
+            f"{spills:>5}  {' '.join(result['dots'])}{'  FAIL: ' + '; '.join(bad) if bad else ''}")
+
+
 def _init_worker():
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton 3.9's notice
@@ -229,27 +239,21 @@ def main(argv=None) -> int:
     print(f"triton {triton.__version__}: {len(todo)} compiles for sm_90 on {args.jobs} processes",
           flush=True)
     start = time.time()
-    with ProcessPoolExecutor(args.jobs, initializer=_init_worker) as pool:
-        results = list(pool.map(compile_job, todo, chunksize=1))
+    print(HEADER, flush=True)
     rows, failed = [], 0
-    header = f"{'kernel / dtype / head_dim / mask / dropout / tiles':<58} {'smem':>7} {'regs':>4} " \
-             f"{'spill':>5}  dots"
-    print(header)
-    for result in results:
-        bad = problems(result)
-        failed += bool(bad)
-        line = (f"{result['job'].label():<58} {result['shared'] or 0:>7} "
-                f"{result['registers'] or 0:>4} {result['spills'] if result['spills'] is not None else '?':>5}  "
-                f"{' '.join(result['dots'])}{'  FAIL: ' + '; '.join(bad) if bad else ''}")
-        rows.append(line)
-        print(line)
-    summary = (f"triton {triton.__version__}: {len(results) - failed}/{len(results)} compiles pass "
+    with ProcessPoolExecutor(args.jobs, initializer=_init_worker) as pool:
+        for result in pool.map(compile_job, todo, chunksize=1):
+            bad = problems(result)
+            failed += bool(bad)
+            rows.append(_row(result, bad))
+            print(rows[-1], flush=True)
+    summary = (f"triton {triton.__version__}: {len(rows) - failed}/{len(rows)} compiles pass "
                f"(sm_90, smem <= {SMEM_LIMIT}, no spills, wgmma where required) in "
                f"{time.time() - start:.0f} s")
     print(summary)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write("```\n" + header + "\n" + "\n".join(rows) + "\n" + summary + "\n```\n")
+            f.write("```\n" + HEADER + "\n" + "\n".join(rows) + "\n" + summary + "\n```\n")
     return 1 if failed else 0
 
 

@@ -245,8 +245,9 @@ def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     kv_heads, seq_k = k.shape[1], k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+    dropout = dropout_p > 0.0
     with _device_guard(q):
-        _launch("_flash_fwd_kernel", _tile_configs("forward", head_dim, q.dtype, dropout_p > 0.0, q.device),
+        _launch("_flash_fwd_kernel", _tile_configs("forward", head_dim, q.dtype, dropout, q.device),
                 "BLOCK_M", seq_q, batch * heads,
                 (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                  heads, heads // kv_heads, seq_q, seq_k, scale, dropout_p, seed,
@@ -266,27 +267,35 @@ def _triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     batch, heads, seq_q, head_dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     constexprs = _kernel_constexprs(q, causal, dropout_p)
-    bucket = configs.seq_bucket(seq_q, seq_k)
+    dropout, bucket = constexprs["DROPOUT"], configs.seq_bucket(seq_q, seq_k)
+    group = heads // kv_heads
     delta = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # dk, dv per query head; grouped heads: float32 shares summed below (deterministic).
+    share = (batch, heads, seq_k, head_dim)
+    share_dtype = k.dtype if group == 1 else torch.float32
+    dk = torch.empty(share, dtype=share_dtype, device=k.device)
+    dv = torch.empty(share, dtype=share_dtype, device=v.device)
     lse = lse.contiguous()
     with _device_guard(q):
         preprocess = configs.TileConfig(configs.PREPROCESS_BLOCK_M, 0, 4, 1)
         _launch("_flash_bwd_preprocess_kernel", [preprocess], "BLOCK_M", seq_q, batch * heads,
                 (out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seq_q),
                 dict(HEAD_DIM=head_dim, BLOCK_D=constexprs["BLOCK_D"]))
-        _launch("_flash_bwd_dkdv_kernel", _tile_configs("dkdv", head_dim, q.dtype, dropout_p > 0.0, q.device),
-                "BLOCK_N", seq_k, batch * kv_heads,
+        _launch("_flash_bwd_dkdv_kernel",
+                _tile_configs("dkdv", head_dim, q.dtype, dropout, q.device),
+                "BLOCK_N", seq_k, batch * heads,
                 (q, k, v, grad_out, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
-                 *grad_out.stride(), *dk.stride(), *dv.stride(), heads, kv_heads,
-                 heads // kv_heads, seq_q, seq_k, scale, dropout_p, seed, bucket), constexprs)
-        _launch("_flash_bwd_dq_kernel", _tile_configs("dq", head_dim, q.dtype, dropout_p > 0.0, q.device),
+                 *grad_out.stride(), *dk.stride(), *dv.stride(), heads, group, seq_q, seq_k,
+                 scale, dropout_p, seed, bucket), constexprs)
+        _launch("_flash_bwd_dq_kernel", _tile_configs("dq", head_dim, q.dtype, dropout, q.device),
                 "BLOCK_M", seq_q, batch * heads,
                 (q, k, v, grad_out, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(),
-                 *grad_out.stride(), *dq.stride(), heads, heads // kv_heads, seq_q, seq_k,
+                 *grad_out.stride(), *dq.stride(), heads, group, seq_q, seq_k,
                  scale, dropout_p, seed, bucket), constexprs)
+    if group > 1:
+        dk = dk.view(batch, kv_heads, group, seq_k, head_dim).sum(2).to(k.dtype)
+        dv = dv.view(batch, kv_heads, group, seq_k, head_dim).sum(2).to(v.dtype)
     return dq, dk, dv
 
 
