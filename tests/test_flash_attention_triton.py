@@ -110,10 +110,11 @@ def test_interpreter_non_contiguous_and_no_key_rows():
 def _cuda_config_cases():
     """One case per configuration index of each kernel's CUDA list, per BLOCK_D
     and list (float16, float16 with dropout, float32): the forward, dk/dv and dq
-    kernels run their i-th configuration together."""
+    kernels run their i-th configuration together. (BLOCK_D 16 and 32 use the
+    tiles of 64; the default-tile tests run those head dims.)"""
     cases = []
     for block_d, (float32, dropout) in itertools.product(
-            (16, 64, 128, 256), [(False, False), (False, True), (True, False)]):
+            (64, 128, 256), [(False, False), (False, True), (True, False)]):
         lists = {kernel: configs.configs(kernel, block_d, float32, dropout)
                  for kernel in configs.KERNELS}
         for i in range(max(len(c) for c in lists.values())):
@@ -176,14 +177,14 @@ def test_dropout_keep_rate_and_independence():
 @pytest.mark.parametrize("causal", [False, True])
 def test_dropout_against_math_with_the_regenerated_mask(causal):
     p, seed = 0.25, 2 ** 40 + 17  # a seed past 32 bits
-    q, k, v = _inputs(2, 2, 1, 37, 45, 16, torch.float32)
-    keep = flash_ops.triton_dropout_keep(2, 2, 37, 45, p, seed)
+    q, k, v = _inputs(1, 2, 1, 37, 45, 16, torch.float32)
+    keep = flash_ops.triton_dropout_keep(1, 2, 37, 45, p, seed)
     _assert_close_to_exact(q, k, v, causal, keep=keep, dropout_p=p, seed=seed)
 
 
 @interpreter
 def test_dropout_is_reproducible_and_zero_is_no_dropout():
-    q, k, v = _inputs(1, 2, 2, 33, 33, 16, torch.float32)
+    q, k, v = _inputs(1, 1, 1, 40, 40, 16, torch.float32)
     grad = torch.randn(q.shape, dtype=torch.float64)
     first = _triton(q, k, v, grad, True, 0.2, seed=7)
     again = _triton(q, k, v, grad, True, 0.2, seed=7)
