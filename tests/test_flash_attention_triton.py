@@ -316,3 +316,42 @@ def test_cuda_large_offsets_do_not_overflow():
     out, _ = forward_op(q, k, v, False, 0.125, 0.0, 0)
     ref, _ = reference.attention(q[:, :, -3:], k, v, scale=0.125)
     torch.testing.assert_close(out[:, :, -3:].float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------- the sm_90 compile check (no compiling here)
+
+def _hopper_check():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "tools", "triton_hopper_check.py")
+    spec = importlib.util.spec_from_file_location("triton_hopper_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hopper_check_covers_every_configuration_the_op_can_choose():
+    check = _hopper_check()
+    compiled = {(j.kernel, j.dtype, configs.block_d(j.head_dim), j.dropout, j.config)
+                for j in check.jobs()}
+    for kernel, dtype, block_d, dropout in itertools.product(
+            configs.KERNELS, ("fp16", "fp32"), (16, 32, 64, 128, 256), (False, True)):
+        for config in configs.configs(kernel, block_d, dtype == "fp32", dropout):
+            assert (kernel, dtype, block_d, dropout, config) in compiled
+    for kernel, dropout in itertools.product(configs.KERNELS, (False, True)):
+        for block_d in check.WGMMA_REQUIRED_BLOCK_DS:
+            for config in configs.configs(kernel, block_d, False, dropout):
+                assert (kernel, "bf16", block_d, dropout, config) in compiled
+
+
+def test_hopper_check_flags_spills_shared_memory_and_missing_wgmma():
+    check = _hopper_check()
+    job = check.Job("forward", "bf16", 128, True, False, configs.TileConfig(128, 64, 8, 3))
+    good = dict(job=job, error=None, shared=131072, spills=0, dots=["128x64x128:wgmma"] * 4)
+    assert check.problems(good) == []
+    for change, expected in [(dict(shared=check.SMEM_LIMIT + 1), "shared memory"),
+                             (dict(spills=8), "spills"), (dict(spills=None), "spills unknown"),
+                             (dict(dots=["128x64x128:wgmma", "128x64x128:mma"]), "wgmma"),
+                             (dict(error="CompilationError: x"), "CompilationError")]:
+        assert any(expected in p for p in check.problems(dict(good, **change))), change
