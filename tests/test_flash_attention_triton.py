@@ -230,6 +230,15 @@ def test_launcher_grid_for_batch_heads_over_65535(monkeypatch):
         assert all(axis <= configs.GRID_AXIS12_LIMIT for axis in dims[1:])
 
 
+@pytest.mark.parametrize("dropout_p", [1.0, -0.1, 1.5])
+def test_bad_dropout_p_is_a_clear_error(dropout_p):
+    q, k, v = _inputs(1, 1, 1, 4, 4, 16, torch.float32)
+    with pytest.raises(ValueError, match="dropout_p"):
+        forward_op(q, k, v, False, 0.25, dropout_p, 0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        backward_op(q, q, k, v, q, q[..., 0], False, 0.25, dropout_p, 0)
+
+
 def test_float32_dots_are_exact_and_half_dots_use_tensor_cores():
     half = flash_ops._kernel_constexprs(torch.empty(1, 1, 1, 64, dtype=torch.float16), True, 0.0)
     single = flash_ops._kernel_constexprs(torch.empty(1, 1, 1, 64), True, 0.1)

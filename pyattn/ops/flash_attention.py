@@ -224,6 +224,8 @@ def _device_guard(t: torch.Tensor):
 def _kernel_constexprs(q: torch.Tensor, causal: bool, dropout_p: float) -> dict:
     from pyattn.kernels import flash_attention_configs as configs
 
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"flash_attention: `dropout_p` must be in [0, 1), got {dropout_p}")
     head_dim = q.shape[-1]
     return dict(CAUSAL=causal, DROPOUT=dropout_p > 0.0, HEAD_DIM=head_dim,
                 BLOCK_D=configs.block_d(head_dim),
@@ -245,14 +247,15 @@ def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     kv_heads, seq_k = k.shape[1], k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
-    dropout = dropout_p > 0.0
+    constexprs = _kernel_constexprs(q, causal, dropout_p)
     with _device_guard(q):
-        _launch("_flash_fwd_kernel", _tile_configs("forward", head_dim, q.dtype, dropout, q.device),
+        _launch("_flash_fwd_kernel",
+                _tile_configs("forward", head_dim, q.dtype, constexprs["DROPOUT"], q.device),
                 "BLOCK_M", seq_q, batch * heads,
                 (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                  heads, heads // kv_heads, seq_q, seq_k, scale, dropout_p, seed,
                  configs.seq_bucket(seq_q, seq_k)),
-                _kernel_constexprs(q, causal, dropout_p))
+                constexprs)
     return out, lse
 
 
