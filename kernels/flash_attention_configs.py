@@ -6,9 +6,11 @@ the Hopper compile check (benchmarks/triton_hopper_check.py) and the benchmarks.
 Tile configurations: on CUDA each kernel is autotuned over ``*_configs(block_d,
 float32)`` (Triton's fused-attention tutorial space: BLOCK_M 64/128, BLOCK_N
 32-128, 2-5 stages, 4/8 warps), keyed on head_dim, causal, dropout, dtypes and
-the sequence length rounded up to a power of two. Every listed configuration is
-compiled for sm_90 by the compile check, which fails if one spills registers or
-needs more than 227 KB of shared memory: the lists are that check's survivors.
+the sequence length rounded up to a power of two. The entries were picked from
+sm_90 compiles with triton 3.6 and 3.9 (candidates that spilled registers were
+dropped); ``make triton-check`` recompiles every entry and fails if one spills,
+needs more than 227 KB of shared memory, or (float16 / bfloat16 at head_dim 64
+and 128) runs a dot without wgmma. Speed on a GPU is unmeasured.
 The first configuration of each list is the deterministic choice when autotuning
 is off (``PYATTN_TRITON_AUTOTUNE=0``). The interpreter (CPU tensors) uses
 ``INTERPRETER_CONFIG`` unless a test asks for a CUDA configuration.
