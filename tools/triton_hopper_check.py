@@ -94,8 +94,8 @@ def jobs(everything: bool = False, kernel_filter: str | None = None) -> list[Job
         for kernel, dtype, dropout in itertools.product(ATTENTION_KERNELS, DTYPES, (False, True)):
             config = cfg.configs(kernel, 64, dtype == "fp32", dropout)[0]
             out.append(Job(kernel, dtype, masked_head_dim(64), False, dropout, config))
-    preprocess = cfg.TileConfig(cfg.PREPROCESS_BLOCK_M, 0, 4, 1)
     for dtype, block_d in itertools.product(DTYPES, BLOCK_DS if everything else (256,)):
+        preprocess = cfg.TileConfig(cfg.preprocess_block_m(block_d), 0, 4, 1)
         for head_dim in (block_d, masked_head_dim(block_d)):
             out.append(Job("preprocess", dtype, head_dim, False, False, preprocess))
     out.append(Job("dropout_mask", "fp32", 0, False, True, cfg.TileConfig(32, 32, 4, 1)))

@@ -281,7 +281,8 @@ def _triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     dv = torch.empty(share, dtype=share_dtype, device=v.device)
     lse = lse.contiguous()
     with _device_guard(q):
-        preprocess = configs.TileConfig(configs.PREPROCESS_BLOCK_M, 0, 4, 1)
+        preprocess = configs.TileConfig(configs.preprocess_block_m(constexprs["BLOCK_D"]), 0,
+                                        4, 1)
         _launch("_flash_bwd_preprocess_kernel", [preprocess], "BLOCK_M", seq_q, batch * heads,
                 (out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seq_q),
                 dict(HEAD_DIM=head_dim, BLOCK_D=constexprs["BLOCK_D"]))
