@@ -7,7 +7,7 @@ CUDA_HOME ?= /usr/local/cuda
 CUDA_VENV ?= .venv-cuda-build
 SOURCES := setup.py $(shell find csrc -type f)
 
-.PHONY: setup build test demo bench cmake-check cuda-check clean
+.PHONY: setup build test demo bench cmake-check cuda-check triton-check clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -58,6 +58,15 @@ cuda-check:
 	  -DCUDA_nvrtc_LIBRARY=$$site/nvidia/cu13/lib/libnvrtc.so.13 -DPYATTN_WITH_CUDA=ON && \
 	$(CUDA_VENV)/bin/cmake --build build-cuda
 	$(CUDA_VENV)/bin/python .ci/check_extension.py build-cuda/_C*.so --cuda
+
+# Compile every Triton kernel configuration for Hopper (sm_90) without a GPU and
+# check: it compiles, shared memory <= 227 KB, no register spills, wgmma for the
+# fp16/bf16 dots at head_dim 64/128 (tools/triton_hopper_check.py; --all for the
+# full product). TRITON_CHECK_PYTHON: a python with another triton, e.g. 3.6.0.
+TRITON_CHECK_PYTHON ?= $(PY)
+TRITON_CHECK_JOBS ?= $(shell nproc)
+triton-check:
+	$(TRITON_CHECK_PYTHON) tools/triton_hopper_check.py --jobs $(TRITON_CHECK_JOBS)
 
 clean:
 	rm -rf build build-cmake build-cuda pyattn/_C*.so *.egg-info $(VENV)/.built

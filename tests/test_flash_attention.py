@@ -1,5 +1,4 @@
 """pyattn.flash_attention (cpp, triton) against float64 math attention."""
-import itertools
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ import torch.nn.functional as F
 import pyattn
 from pyattn import reference
 from pyattn.profiling import peak_memory
-from conftest import CUDA, requires_cuda
 
 SEQLENS = [(1, 1), (7, 7), (113, 113), (128, 128), (203, 203), (1000, 1000),
            (7, 113), (113, 7), (203, 128), (1, 203), (128, 1000)]
@@ -216,42 +214,6 @@ def test_cpp_memory_is_linear_in_seq():
     assert peak < square / 8, (peak, square)
 
 
-def _triton_check(batch, heads, kv_heads, seq_q, seq_k, dim, causal, dtype, device):
-    q, k, v = _inputs(batch, heads, kv_heads, seq_q, seq_k, dim, dtype, device)
-    _check_against_reference(q, k, v, causal, "triton")
-
-
-TRITON_CASES = [(1, 1, 1, 1, 1, 16), (1, 2, 2, 7, 7, 16), (2, 4, 2, 37, 53, 48),
-                (1, 2, 1, 53, 37, 32), (1, 1, 1, 64, 64, 16)]
-
-
-@pytest.mark.skipif(CUDA, reason="the interpreter runs on CPU tensors")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("case", TRITON_CASES, ids=[str(c) for c in TRITON_CASES])
-def test_triton_interpreter_against_reference(case, causal, dtype):
-    _triton_check(*case, causal, dtype, "cpu")
-
-
-@pytest.mark.skipif(CUDA, reason="the interpreter runs on CPU tensors")
-def test_triton_interpreter_non_contiguous_and_no_key_rows():
-    q = torch.randn(1, 19, 2, 16).transpose(1, 2)
-    k = torch.randn(1, 1, 16, 9).transpose(2, 3)
-    v = torch.randn(1, 9, 1, 16).transpose(1, 2)
-    for t in (q, k, v):
-        t.requires_grad_()
-    out, lse = pyattn.flash_attention(q, k, v, causal=True, return_lse=True, backend="triton")
-    ref, ref_lse = reference.attention(q, k, v, causal=True)
-    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
-    assert torch.isneginf(lse[:, :, :10]).all()
-    grad = torch.randn(1, 2, 16, 19).transpose(2, 3)
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    want = torch.autograd.grad(ref.float(), (q, k, v), grad)
-    for a, b in zip(got, want):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-
-
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v = _inputs(1, 1, 1, 4, 4, 16, torch.float32)
@@ -298,39 +260,3 @@ def test_reference_backend_matches_cpp():
 def test_bad_inputs_raise_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
-
-
-@requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("causal", [False, True])
-def test_triton_cuda_against_reference(causal, dtype):
-    for (seq_q, seq_k), dim, (heads, kv_heads) in zip(
-            SEQLENS, itertools.cycle(HEAD_DIMS + [256, 80, 96]), itertools.cycle(HEADS)):
-        _triton_check(2, heads, kv_heads, seq_q, seq_k, dim, causal, dtype, "cuda")
-
-
-@requires_cuda
-def test_triton_cuda_opcheck_compile_and_determinism():
-    q, k, v = _inputs(2, 4, 2, 300, 257, 64, torch.bfloat16, "cuda")
-    for t in (q, k, v):
-        t.requires_grad_()
-    torch.library.opcheck(torch.ops.pyattn.flash_attention_triton_forward, (q, k, v, True, 0.125))
-    fn = torch.compile(lambda q, k, v: pyattn.flash_attention(q, k, v, causal=True), fullgraph=True)
-    out = fn(q, k, v)
-    torch.testing.assert_close(out, pyattn.flash_attention(q, k, v, causal=True))
-    grad = torch.randn_like(out)
-    first = torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
-    second = torch.autograd.grad(out, (q, k, v), grad)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-
-
-@requires_cuda
-def test_triton_cuda_large_offsets_do_not_overflow():
-    # The last rows of q lie more than 2^31 elements past its start (4.3 GB).
-    q = torch.empty(1, 1, 33000, 65536, device="cuda", dtype=torch.float16)[..., :64].normal_()
-    k = torch.randn(1, 1, 64, 64, device="cuda", dtype=torch.float16)
-    v = torch.randn_like(k)
-    out = pyattn.flash_attention(q, k, v)
-    ref, _ = reference.attention(q[:, :, -3:], k, v)
-    torch.testing.assert_close(out[:, :, -3:].float(), ref.float(), rtol=2e-2, atol=2e-2)

@@ -5,13 +5,16 @@ Backends, one torch op pair (forward, backward) each:
   kernels for CPU tensors (float32, float64), schemas in ``csrc/pyattn.cpp``.
 - ``triton``: ``torch.ops.pyattn.flash_attention_triton_forward/backward``,
   Triton kernels (``pyattn.kernels.flash_attention``) for CUDA tensors
-  (float16, bfloat16, float32 with tf32 dots), or CPU tensors under
+  (float16, bfloat16, float32 with exact float32 dots), or CPU tensors under
   ``TRITON_INTERPRET=1`` (how CI tests them).
 - ``reference``: math attention with materialised scores (pyattn.reference).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import os
 
 import torch
 from torch.library import triton_op, wrap_triton
@@ -160,85 +163,159 @@ torch.library.register_autograd("pyattn::flash_attention_forward",
 
 
 # ------------------------------------------------------------- Triton backend
+# Kernels: pyattn.kernels.flash_attention; tile configurations, grid and FLOP
+# counts: pyattn.kernels.flash_attention_configs (compile-checked for sm_90 by
+# tools/triton_hopper_check.py).
+
+def _tile_configs(kernel: str, head_dim: int, dtype: torch.dtype, dropout: bool,
+                  device: torch.device) -> list:
+    """Tile configurations `kernel` may run with: CUDA, the autotuning space (its
+    first entry alone with PYATTN_TRITON_AUTOTUNE=0); the interpreter, one fixed
+    configuration (deterministic; tests swap in the CUDA ones)."""
+    from pyattn.kernels import flash_attention_configs as configs
+
+    if device.type == "cpu":
+        return [configs.INTERPRETER_CONFIG]
+    space = configs.configs(kernel, head_dim, dtype == torch.float32, dropout)
+    return space if os.environ.get("PYATTN_TRITON_AUTOTUNE", "1") != "0" else space[:1]
+
+
+@functools.cache
+def _autotuned(kernel_name: str, tile_configs: tuple):
+    """The kernel autotuned over tile_configs, keyed on head_dim, causal, dropout,
+    the rounded sequence length and (by Triton) the tensors' dtypes. Every
+    configuration writes each output element once: rerunning one is harmless."""
+    import triton
+
+    from pyattn.kernels import flash_attention as kernels
+
+    return triton.autotune(
+        configs=[triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages)
+                 for c in tile_configs],
+        key=["HEAD_DIM", "CAUSAL", "DROPOUT", "SEQ_BUCKET"])(getattr(kernels, kernel_name))
+
+
+def _launch(kernel_name: str, tile_configs: list, tiled_block: str, tiled_len: int,
+            batch_heads: int, args: tuple, constexprs: dict) -> None:
+    """Launch over cdiv(tiled_len, tiled_block) * batch_heads programs, autotuned
+    when there is more than one configuration."""
+    from pyattn.kernels import flash_attention as kernels
+    from pyattn.kernels import flash_attention_configs as configs
+
+    if len(tile_configs) == 1:
+        (config,) = tile_configs
+        kernel = getattr(kernels, kernel_name)
+        constexprs = dict(constexprs, **config.meta(), num_warps=config.num_warps,
+                          num_stages=config.num_stages)
+    else:
+        kernel = _autotuned(kernel_name, tuple(tile_configs))
+
+    def grid(meta):
+        return configs.grid(triton_cdiv(tiled_len, meta[tiled_block]), batch_heads)
+
+    wrap_triton(kernel)[grid](*args, **constexprs)
+
+
+def _device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _kernel_constexprs(q: torch.Tensor, causal: bool, dropout_p: float) -> dict:
+    from pyattn.kernels import flash_attention_configs as configs
+
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"flash_attention: `dropout_p` must be in [0, 1), got {dropout_p}")
+    head_dim = q.shape[-1]
+    return dict(CAUSAL=causal, DROPOUT=dropout_p > 0.0, HEAD_DIM=head_dim,
+                BLOCK_D=configs.block_d(head_dim),
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
 
 def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
-def _block_config(head_dim: int, device: torch.device) -> dict:
-    """Tile sizes per head_dim: large head dims get narrower key tiles so the
-    q, k, v, acc tiles stay within registers / shared memory."""
-    if device.type == "cpu":  # interpreter: bigger tiles, fewer programs
-        return dict(BLOCK_M=32, BLOCK_N=32)
-    if head_dim <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    if head_dim <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)
-
-
-def _backward_block_config(head_dim: int, device: torch.device) -> dict:
-    if device.type == "cpu":
-        return dict(BLOCK_M=32, BLOCK_N=32)
-    if head_dim <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    if head_dim <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
-
-
 @triton_op("pyattn::flash_attention_triton_forward", mutates_args=())
 def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from pyattn.kernels import flash_attention as kernels
+                    scale: float, dropout_p: float,
+                    seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the Triton forward; dropout per pyattn.kernels.flash_attention."""
+    from pyattn.kernels import flash_attention_configs as configs
 
     batch, heads, seq_q, head_dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
-    config = _block_config(head_dim, q.device)
-    grid = (triton_cdiv(seq_q, config["BLOCK_M"]), batch * heads)
-    wrap_triton(kernels._flash_fwd_kernel)[grid](
-        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        heads, heads // kv_heads, seq_q, seq_k, scale * kernels.LOG2E,
-        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=max(16, _next_power_of_2(head_dim)), **config)
+    constexprs = _kernel_constexprs(q, causal, dropout_p)
+    with _device_guard(q):
+        _launch("_flash_fwd_kernel",
+                _tile_configs("forward", head_dim, q.dtype, constexprs["DROPOUT"], q.device),
+                "BLOCK_M", seq_q, batch * heads,
+                (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                 heads, heads // kv_heads, seq_q, seq_k, scale, dropout_p, seed,
+                 configs.seq_bucket(seq_q, seq_k)),
+                constexprs)
     return out, lse
 
 
 @triton_op("pyattn::flash_attention_triton_backward", mutates_args=())
 def _triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     out: torch.Tensor, lse: torch.Tensor, causal: bool,
-                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from pyattn.kernels import flash_attention as kernels
+                     out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+                     dropout_p: float,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv): delta = rowsum(dO * O), then the dk/dv and dq kernels."""
+    from pyattn.kernels import flash_attention_configs as configs
 
     batch, heads, seq_q, head_dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
-    block_d = max(16, _next_power_of_2(head_dim))
-    config = _backward_block_config(head_dim, q.device)
+    constexprs = _kernel_constexprs(q, causal, dropout_p)
+    dropout, bucket = constexprs["DROPOUT"], configs.seq_bucket(seq_q, seq_k)
+    group = heads // kv_heads
     delta = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
-    wrap_triton(kernels._flash_bwd_preprocess_kernel)[(triton_cdiv(seq_q, 64), batch * heads)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seq_q,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=64)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    common = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d, **config)
+    # dk, dv per query head; grouped heads: float32 shares summed below (deterministic).
+    share = (batch, heads, seq_k, head_dim)
+    share_dtype = k.dtype if group == 1 else torch.float32
+    dk = torch.empty(share, dtype=share_dtype, device=k.device)
+    dv = torch.empty(share, dtype=share_dtype, device=v.device)
     lse = lse.contiguous()
-    wrap_triton(kernels._flash_bwd_dkdv_kernel)[
-        (triton_cdiv(seq_k, config["BLOCK_N"]), batch * kv_heads)](
-        q, k, v, grad_out, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
-        *grad_out.stride(), *dk.stride(), *dv.stride(), heads, kv_heads, heads // kv_heads,
-        seq_q, seq_k, scale * kernels.LOG2E, scale, **common)
-    wrap_triton(kernels._flash_bwd_dq_kernel)[
-        (triton_cdiv(seq_q, config["BLOCK_M"]), batch * heads)](
-        q, k, v, grad_out, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(),
-        *grad_out.stride(), *dq.stride(), heads, heads // kv_heads, seq_q, seq_k,
-        scale * kernels.LOG2E, scale, **common)
+    with _device_guard(q):
+        preprocess = configs.TileConfig(configs.preprocess_block_m(constexprs["BLOCK_D"]), 0,
+                                        4, 1)
+        _launch("_flash_bwd_preprocess_kernel", [preprocess], "BLOCK_M", seq_q, batch * heads,
+                (out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seq_q),
+                dict(HEAD_DIM=head_dim, BLOCK_D=constexprs["BLOCK_D"]))
+        _launch("_flash_bwd_dkdv_kernel",
+                _tile_configs("dkdv", head_dim, q.dtype, dropout, q.device),
+                "BLOCK_N", seq_k, batch * heads,
+                (q, k, v, grad_out, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
+                 *grad_out.stride(), *dk.stride(), *dv.stride(), heads, group, seq_q, seq_k,
+                 scale, dropout_p, seed, bucket), constexprs)
+        _launch("_flash_bwd_dq_kernel", _tile_configs("dq", head_dim, q.dtype, dropout, q.device),
+                "BLOCK_M", seq_q, batch * heads,
+                (q, k, v, grad_out, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(),
+                 *grad_out.stride(), *dq.stride(), heads, group, seq_q, seq_k,
+                 scale, dropout_p, seed, bucket), constexprs)
+    if group > 1:
+        dk = dk.view(batch, kv_heads, group, seq_k, head_dim).sum(2).to(k.dtype)
+        dv = dv.view(batch, kv_heads, group, seq_k, head_dim).sum(2).to(v.dtype)
     return dq, dk, dv
 
 
 _triton_forward.register_autograd(_make_backward(_triton_backward), setup_context=_setup_context)
+
+
+def triton_dropout_keep(batch: int, heads: int, seq_q: int, seq_k: int, dropout_p: float,
+                        seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The keep mask (bool, (batch, heads, seq_q, seq_k)) the Triton kernels draw
+    for (dropout_p, seed), from the same counter-based formula (for tests)."""
+    from pyattn.kernels import flash_attention as kernels
+
+    keep = torch.empty((batch, heads, seq_q, seq_k), dtype=torch.int8, device=device)
+    block = 32
+    with _device_guard(keep):
+        kernels._dropout_mask_kernel[(triton_cdiv(seq_q, block), triton_cdiv(seq_k, block),
+                                      batch * heads)](
+            keep, seq_q, seq_k, dropout_p, seed, BLOCK_M=block, BLOCK_N=block)
+    return keep.bool()
