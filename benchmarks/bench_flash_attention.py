@@ -38,6 +38,19 @@ def attention(impl, q, k, v, causal):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
+def unavailable(impl, q, k, v, causal):
+    """Call ``impl`` once; return why an SDPA backend does not take these inputs
+    here (the case is skipped), else None. A RuntimeError from pyattn or naive
+    propagates: it fails the benchmark instead of hiding as a skip."""
+    try:
+        attention(impl, q, k, v, causal)
+    except RuntimeError as error:
+        if impl not in SDPA_BACKENDS:
+            raise
+        return str(error).splitlines()[0][:120]
+    return None
+
+
 def shape(seq, dim):
     if DEVICE.type == "cuda":
         return max(1, 16384 // seq), 16 if dim == 64 else 8
@@ -54,10 +67,9 @@ def test_attention(measure, seq, dim, passes, causal, impl):
     torch.manual_seed(0)
     q, k, v = (torch.randn(batch, heads, seq, dim, device=DEVICE, dtype=DTYPE,
                            requires_grad=passes != "forward") for _ in range(3))
-    try:
-        attention(impl, q, k, v, causal)
-    except RuntimeError as error:  # an SDPA backend that does not take these inputs here
-        pytest.skip(f"{impl} unavailable: {str(error).splitlines()[0][:120]}")
+    reason = unavailable(impl, q, k, v, causal)
+    if reason:
+        pytest.skip(f"{impl} unavailable: {reason}")
     if passes == "forward":
         def step():
             with torch.no_grad():
@@ -74,3 +86,17 @@ def test_attention(measure, seq, dim, passes, causal, impl):
     rounds = 2 if seq >= 4096 else 3
     measure(step, f"attention seq {seq} d {dim} {passes} {'causal' if causal else 'full'}",
             impl, rounds=rounds, flops=flops)
+
+
+def test_only_sdpa_backends_are_skipped(monkeypatch):
+    """Not a benchmark (`pytest benchmarks/bench_flash_attention.py -k skipped`):
+    a RuntimeError from pyattn fails the run; one from an SDPA backend skips."""
+    q = k = v = torch.randn(1, 1, 8, 16)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("pyattn kernel failed")
+    monkeypatch.setattr(pyattn, "flash_attention", broken)
+    with pytest.raises(RuntimeError, match="pyattn kernel failed"):
+        unavailable("pyattn", q, k, v, False)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", broken)
+    assert unavailable("sdpa_math", q, k, v, False) == "pyattn kernel failed"
