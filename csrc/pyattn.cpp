@@ -22,14 +22,15 @@ TORCH_LIBRARY(pyattn, m) {
   // rows that see no key; lse is that of the probabilities before dropout.
   // dropout_p in [0, 1); the dropout mask is a pure function of seed (in
   // [0, 2^62)) and the element's (batch * heads + head, query, key), so the
-  // backward, given the same seed, regenerates it. The Triton backend has the
-  // same ops under flash_attention_triton_* (registered from Python).
+  // backward, given the same seed, regenerates it (SymInt: under torch.compile
+  // the seed is drawn inside the graph). The Triton backend has the same ops
+  // under flash_attention_triton_* (registered from Python).
   m.def(
       "flash_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale, "
-      "float dropout_p, int seed) -> (Tensor, Tensor)");
+      "float dropout_p, SymInt seed) -> (Tensor, Tensor)");
   m.def(
       "flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-      "Tensor lse, bool causal, float scale, float dropout_p, int seed) "
+      "Tensor lse, bool causal, float scale, float dropout_p, SymInt seed) "
       "-> (Tensor, Tensor, Tensor)");
   // CSR sparse x dense: returns (out, arg); arg is the arg-max edge per output
   // element for reduce='max' (-1 for empty rows), else empty. The transposed

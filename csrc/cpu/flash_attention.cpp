@@ -180,16 +180,20 @@ void gemm_visible_queries(const Problem& p, int64_t i0, int64_t rows, int64_t j0
 }
 
 // keep[c] = kept if element (bh, i, j0 + c) survives dropout, else 0, for c < n.
+// j0 is a multiple of 4 (tiles are kBlockK wide), so the row is whole Philox
+// blocks of 4 draws; the loop over blocks is branch-free and vectorises.
+static_assert(kBlockK % 4 == 0, "dropout draws come in blocks of 4 keys");
 template <typename Acc>
-void dropout_row(const Problem& p, int64_t bh, int64_t i, int64_t j0, int64_t n, Acc kept,
-                 Acc* keep) {
-  for (int64_t c = 0; c < n;) {
-    const int64_t j = j0 + c;
-    const Philox4x32 draws = dropout_draws(p.seed, bh, i, j / 4);
-    for (int64_t word = j % 4; word < 4 && c < n; ++word, ++c) {
-      keep[c] = draws.word[word] >= p.keep_threshold ? kept : Acc(0);
-    }
+PYATTN_CPU_CLONES void dropout_row(const Problem& p, int64_t bh, int64_t i, int64_t j0, int64_t n,
+                                   Acc kept, Acc* keep) {
+  uint32_t draws[kBlockK];
+  const int64_t blocks = (n + 3) / 4;
+#pragma omp simd
+  for (int64_t block = 0; block < blocks; ++block) {
+    const Philox4x32 x = dropout_draws(p.seed, bh, i, j0 / 4 + block);
+    for (int w = 0; w < 4; ++w) draws[4 * block + w] = x.word[w];
   }
+  for (int64_t c = 0; c < n; ++c) keep[c] = draws[c] >= p.keep_threshold ? kept : Acc(0);
 }
 
 template <typename T>
@@ -311,16 +315,18 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
   const int64_t d = p.dim, group = p.heads / p.kv_heads;
   const Acc scale = static_cast<Acc>(p.scale);
 
-  // delta_i = rowsum(dO_i * O_i), the softmax-gradient correction (O(seq) memory).
+  // delta_i = rowsum(dO_i * O_i), the softmax-gradient correction (O(seq) memory),
+  // summed in double: dS = P (dP - delta) cancels, so delta's rounding would
+  // add to dP's (O(seq * dim) work, not measurable next to the GEMMs).
   std::vector<Acc> delta(p.batch * p.heads * p.seq_q);
   at::parallel_for(0, p.batch * p.heads * p.seq_q, 256, [&](int64_t begin, int64_t end) {
     for (int64_t x = begin; x < end; ++x) {
       const int64_t i = x % p.seq_q, bh = x / p.seq_q;
       const T* o = out.at(bh / p.heads, bh % p.heads, i);
       const T* g = go.at(bh / p.heads, bh % p.heads, i);
-      Acc sum = 0;
-      for (int64_t c = 0; c < d; ++c) sum += static_cast<Acc>(o[c]) * static_cast<Acc>(g[c]);
-      delta[x] = sum;
+      double sum = 0;
+      for (int64_t c = 0; c < d; ++c) sum += static_cast<double>(o[c]) * static_cast<double>(g[c]);
+      delta[x] = static_cast<Acc>(sum);
     }
   });
   auto row_stats = [&](int64_t b, int64_t h, int64_t i0) {
