@@ -29,13 +29,26 @@ else:
 IMPLS = ["pyattn", *SDPA_BACKENDS, "naive"]
 
 
-def attention(impl, q, k, v, causal):
+def attention(impl, q, k, v, causal, dropout_p=0.0):
     if impl == "pyattn":
-        return pyattn.flash_attention(q, k, v, causal=causal)
+        return pyattn.flash_attention(q, k, v, causal=causal, dropout_p=dropout_p)
     if impl == "naive":
-        return naive_attention(q, k, v, causal)
+        return naive_attention(q, k, v, causal, dropout_p)
     with sdpa_kernel(SDPA_BACKENDS[impl]):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
+
+
+def unavailable(impl, q, k, v, causal, dropout_p=0.0):
+    """Call ``impl`` once; return why an SDPA backend does not take these inputs
+    here (the case is skipped), else None. A RuntimeError from pyattn or naive
+    propagates: it fails the benchmark instead of hiding as a skip."""
+    try:
+        attention(impl, q, k, v, causal, dropout_p)
+    except RuntimeError as error:
+        if impl not in SDPA_BACKENDS:
+            raise
+        return str(error).splitlines()[0][:120]
+    return None
 
 
 def shape(seq, dim):
@@ -44,33 +57,68 @@ def shape(seq, dim):
     return 1, 8
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("passes", ["forward", "forward+backward"])
-@pytest.mark.parametrize("dim", [64, 128])
-@pytest.mark.parametrize("seq", SEQS)
-def test_attention(measure, seq, dim, passes, causal, impl):
+def measure_case(measure, impl, seq, dim, passes, causal, dropout_p=0.0):
     batch, heads = shape(seq, dim)
     torch.manual_seed(0)
     q, k, v = (torch.randn(batch, heads, seq, dim, device=DEVICE, dtype=DTYPE,
                            requires_grad=passes != "forward") for _ in range(3))
-    try:
-        attention(impl, q, k, v, causal)
-    except RuntimeError as error:  # an SDPA backend that does not take these inputs here
-        pytest.skip(f"{impl} unavailable: {str(error).splitlines()[0][:120]}")
+    reason = unavailable(impl, q, k, v, causal, dropout_p)
+    if reason:
+        pytest.skip(f"{impl} unavailable: {reason}")
     if passes == "forward":
         def step():
             with torch.no_grad():
-                return attention(impl, q, k, v, causal)
+                return attention(impl, q, k, v, causal, dropout_p)
     else:
         grad = torch.randn_like(q)
 
         def step():
             for t in (q, k, v):
                 t.grad = None
-            attention(impl, q, k, v, causal).backward(grad)
+            attention(impl, q, k, v, causal, dropout_p).backward(grad)
     flops = 4 * batch * heads * seq * seq * dim * (0.5 if causal else 1.0)
     flops *= 1.0 if passes == "forward" else 3.5
     rounds = 2 if seq >= 4096 else 3
-    measure(step, f"attention seq {seq} d {dim} {passes} {'causal' if causal else 'full'}",
+    dropout = f" dropout {dropout_p}" if dropout_p else ""
+    measure(step, f"attention seq {seq} d {dim} {passes} {'causal' if causal else 'full'}{dropout}",
             impl, rounds=rounds, flops=flops)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("passes", ["forward", "forward+backward"])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("seq", SEQS)
+def test_attention(measure, seq, dim, passes, causal, impl):
+    measure_case(measure, impl, seq, dim, passes, causal)
+
+
+@pytest.mark.parametrize("impl", ["pyattn", *SDPA_BACKENDS])
+@pytest.mark.parametrize("passes", ["forward", "forward+backward"])
+def test_attention_dropout(measure, passes, impl):
+    """Dropout 0.1 on the probabilities (the seed GPT template's attn_pdrop):
+    causal, head_dim 64, the second sequence length."""
+    measure_case(measure, impl, SEQS[1], 64, passes, True, dropout_p=0.1)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="GPU headline cases (gpu_check.sh)")
+@pytest.mark.parametrize("impl", ["pyattn", "sdpa_flash"])
+@pytest.mark.parametrize("passes", ["forward", "forward+backward"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1], ids=["headline", "headline_dropout"])
+def test_attention_gpu_headline(measure, dropout_p, passes, impl):
+    """bf16, head_dim 128, causal, seq 8192 (2 x 8 heads): issue 13's target shape."""
+    measure_case(measure, impl, 8192, 128, passes, True, dropout_p)
+
+
+def test_only_sdpa_backends_are_skipped(monkeypatch):
+    """Not a benchmark (`pytest benchmarks/bench_flash_attention.py -k skipped`):
+    a RuntimeError from pyattn fails the run; one from an SDPA backend skips."""
+    q = k = v = torch.randn(1, 1, 8, 16)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel failed")
+    monkeypatch.setattr(pyattn, "flash_attention", broken)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        unavailable("pyattn", q, k, v, False)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", broken)
+    assert unavailable("sdpa_math", q, k, v, False) == "kernel failed"

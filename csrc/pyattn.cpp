@@ -21,14 +21,19 @@ TORCH_LIBRARY(pyattn, m) {
       "padded_conv2d_grad_weight(Tensor grad_output, Tensor input, Tensor weight, "
       "int[2] stride, int[4] padding, int[2] dilation, int groups, str padding_mode) -> Tensor");
   // Returns (out, lse): lse in float32 (float64 for float64 inputs), -inf for
-  // rows that see no key. The Triton backend has the same ops under
-  // flash_attention_triton_* (registered from Python).
+  // rows that see no key; lse is that of the probabilities before dropout.
+  // dropout_p in [0, 1); the dropout mask is a pure function of seed (in
+  // [0, 2^62)) and the element's (batch * heads + head, query, key), so the
+  // backward, given the same seed, regenerates it (SymInt: under torch.compile
+  // the seed is drawn inside the graph). The Triton backend has the same ops
+  // under flash_attention_triton_* (registered from Python).
   m.def(
-      "flash_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale) "
-      "-> (Tensor, Tensor)");
+      "flash_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale, "
+      "float dropout_p, SymInt seed) -> (Tensor, Tensor)");
   m.def(
       "flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-      "Tensor lse, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
+      "Tensor lse, bool causal, float scale, float dropout_p, SymInt seed) "
+      "-> (Tensor, Tensor, Tensor)");
   // CSR sparse x dense (int32 or int64 indices): returns (out, arg); arg is the
   // arg-max / arg-min edge per output element for reduce='max' / 'min' (-1 for
   // empty rows), else empty. The transposed CSR (csc_*) is only checked here:

@@ -9,6 +9,16 @@
 // query tile) and dk / dv over (batch, kv head, key tile), looping over the
 // query heads that share the kv head. Every output element has one writer and
 // no atomics are used, so results are deterministic.
+//
+// Masked-out (query, key) pairs never touch a result: scores of masked pairs
+// are overwritten, and on tiles that straddle the causal diagonal the products
+// with V, K, Q or dO skip masked pairs whenever that operand holds a NaN or Inf
+// (a plain GEMM would add 0 * NaN). NaN in a visible score gives a NaN row, as
+// PyTorch's math attention; a row whose visible scores are all -inf gives 0.
+//
+// Dropout (dropout_p > 0) multiplies P by keep / (1 - dropout_p), keep drawn by
+// Philox4x32-10 per (batch * heads + head, query, key) (pyattn/philox.h): the
+// backward regenerates each tile's mask, so no mask is stored.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -25,6 +35,7 @@
 
 #include "pyattn/attention_tiles.h"
 #include "pyattn/cpu_math.h"
+#include "pyattn/philox.h"
 
 namespace pyattn {
 namespace {
@@ -40,6 +51,9 @@ struct Problem {
   int64_t batch, heads, kv_heads, seq_q, seq_k, dim;
   bool causal;
   double scale;
+  double dropout_p;
+  uint64_t seed, keep_threshold;  // dropout: kept iff the Philox draw >= keep_threshold
+  bool dropout() const { return dropout_p > 0; }
 };
 
 // A (batch, heads, seq, dim) tensor with unit stride along dim.
@@ -65,7 +79,8 @@ at::Tensor with_unit_last_stride(const at::Tensor& t) {
 }
 
 Problem check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
-                     const at::Tensor& v, bool causal, double scale) {
+                     const at::Tensor& v, bool causal, double scale, double dropout_p,
+                     int64_t seed) {
   TORCH_CHECK_VALUE(q.dim() == 4, op, ": `q` must be a 4-D tensor (batch, heads, seq_q, head_dim), "
                     "got ", q.dim(), "-D");
   TORCH_CHECK_VALUE(k.dim() == 4, op, ": `k` must be a 4-D tensor (batch, kv_heads, seq_k, "
@@ -86,16 +101,22 @@ Problem check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
                     ") and `k` (", k.size(0), ") differ");
   TORCH_CHECK_VALUE(q.size(3) == k.size(3), op, ": head_dim of `q` (", q.size(3),
                     ") and `k` (", k.size(3), ") differ");
-  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": heads of `q` (",
-                    q.size(1), ") must be a multiple of kv_heads of `k` (", k.size(1), ")");
+  // heads = kv_heads = 0 is an empty problem (as in SDPA).
+  TORCH_CHECK_VALUE(k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : q.size(1) == 0, op,
+                    ": heads of `q` (", q.size(1), ") must be a multiple of kv_heads of `k` (",
+                    k.size(1), ")");
   const int64_t dim = q.size(3);
   TORCH_CHECK_VALUE(dim > 0 && dim % 8 == 0 && dim <= 256, op,
                     ": head_dim must be a multiple of 8 up to 256, got ", dim);
-  TORCH_CHECK_VALUE(q.size(0) > 0 && q.size(1) > 0 && q.size(2) > 0 && k.size(2) > 0, op,
-                    ": batch, heads and sequence lengths must be >= 1, got q ", q.sizes(),
-                    ", k ", k.sizes());
   TORCH_CHECK_VALUE(std::isfinite(scale), op, ": `scale` must be finite, got ", scale);
-  return Problem{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), dim, causal, scale};
+  TORCH_CHECK_VALUE(std::isfinite(dropout_p) && dropout_p >= 0 && dropout_p < 1, op,
+                    ": `dropout_p` must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK_VALUE(seed >= 0 && seed < (int64_t{1} << 62), op,
+                    ": `seed` must be in [0, 2^62), got ", seed);
+  return Problem{q.size(0), q.size(1),  k.size(1), q.size(2),
+                 k.size(2), dim,        causal,    scale,
+                 dropout_p, static_cast<uint64_t>(seed),
+                 dropout_p > 0 ? dropout_threshold(dropout_p) : 0};
 }
 
 // Keys [0, end) that some query of the tile [i0, i0 + rows) sees.
@@ -109,6 +130,72 @@ int64_t row_limit(const Problem& p, int64_t i, int64_t j0, int64_t cols) {
   return std::clamp<int64_t>(causal_key_end(i, p.seq_q, p.seq_k) - j0, 0, cols);
 }
 
+// The first row of the query tile [i0, i0 + rows) that sees key j.
+int64_t first_row_seeing(const Problem& p, int64_t i0, int64_t rows, int64_t j) {
+  if (!p.causal) return 0;
+  return std::clamp<int64_t>(causal_query_begin(j, p.seq_q, p.seq_k) - i0, 0, rows);
+}
+
+// Whether some query of the tile starting at row i0 misses a key of [j0, j0 + cols)
+// (limits grow with the row, so the first row decides).
+bool straddles_diagonal(const Problem& p, int64_t i0, int64_t j0, int64_t cols) {
+  return row_limit(p, i0, j0, cols) < cols;
+}
+
+// C (rows x dim, ldc) += alpha * A B over visible pairs: row r of A (rows x cols,
+// lda kBlockK, 0 at masked pairs) meets rows [0, limit_r) of B (cols x dim).
+// For P V and dS K. A plain GEMM unless B holds a NaN or Inf where A is masked.
+template <typename Acc>
+void gemm_visible_keys(const Problem& p, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+                       Acc alpha, const Acc* a, const Acc* b, int64_t ldb, Acc* c, int64_t ldc) {
+  if (!straddles_diagonal(p, i0, j0, cols) || cpu::all_finite(b, cols, ldb, p.dim)) {
+    cpu::gemm<Acc>(false, false, rows, p.dim, cols, alpha, a, kBlockK, b, ldb, Acc(1), c, ldc);
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t limit = row_limit(p, i0 + r, j0, cols);
+    if (limit == 0) continue;
+    cpu::gemm<Acc>(false, false, 1, p.dim, limit, alpha, a + r * kBlockK, kBlockK, b, ldb,
+                   Acc(1), c + r * ldc, ldc);
+  }
+}
+
+// C (cols x dim, ldc) += alpha * A^T B over visible pairs: column c of A (rows x
+// cols, lda kBlockK, 0 at masked pairs) meets the rows of B (rows x dim) whose
+// queries see key j0 + c. For P^T dO and dS^T Q.
+template <typename Acc>
+void gemm_visible_queries(const Problem& p, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+                          Acc alpha, const Acc* a, const Acc* b, int64_t ldb, Acc* c,
+                          int64_t ldc) {
+  if (!straddles_diagonal(p, i0, j0, cols) || cpu::all_finite(b, rows, ldb, p.dim)) {
+    cpu::gemm<Acc>(true, false, cols, p.dim, rows, alpha, a, kBlockK, b, ldb, Acc(1), c, ldc);
+    return;
+  }
+  for (int64_t col = 0; col < cols; ++col) {
+    const int64_t first = first_row_seeing(p, i0, rows, j0 + col);
+    if (first == rows) continue;
+    cpu::gemm<Acc>(true, false, 1, p.dim, rows - first, alpha, a + first * kBlockK + col,
+                   kBlockK, b + first * ldb, ldb, Acc(1), c + col * ldc, ldc);
+  }
+}
+
+// keep[c] = kept if element (bh, i, j0 + c) survives dropout, else 0, for c < n.
+// j0 is a multiple of 4 (tiles are kBlockK wide), so the row is whole Philox
+// blocks of 4 draws; the loop over blocks is branch-free and vectorises.
+static_assert(kBlockK % 4 == 0, "dropout draws come in blocks of 4 keys");
+template <typename Acc>
+PYATTN_CPU_CLONES void dropout_row(const Problem& p, int64_t bh, int64_t i, int64_t j0, int64_t n,
+                                   Acc kept, Acc* keep) {
+  uint32_t draws[kBlockK];
+  const int64_t blocks = (n + 3) / 4;
+#pragma omp simd
+  for (int64_t block = 0; block < blocks; ++block) {
+    const Philox4x32 x = dropout_draws(p.seed, bh, i, j0 / 4 + block);
+    for (int w = 0; w < 4; ++w) draws[4 * block + w] = x.word[w];
+  }
+  for (int64_t c = 0; c < n; ++c) keep[c] = draws[c] >= p.keep_threshold ? kept : Acc(0);
+}
+
 template <typename T>
 void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tensor& v_t,
                     const at::Tensor& out_t, const at::Tensor& lse_t, const Problem& p) {
@@ -119,10 +206,11 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
   const int64_t d = p.dim, group = p.heads / p.kv_heads;
   const int64_t q_tiles = (p.seq_q + kBlockQ - 1) / kBlockQ;
   const Acc scale = static_cast<Acc>(p.scale);
+  const Acc keep_scale = Acc(1) / static_cast<Acc>(1 - p.dropout_p);
   constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
   at::parallel_for(0, p.batch * p.heads * q_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<Acc> scores(kBlockQ * kBlockK), acc(kBlockQ * d), row_max(kBlockQ),
-        row_sum(kBlockQ);
+        row_sum(kBlockQ), keep(p.dropout() ? kBlockK : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t tile = task % q_tiles, bh = task / q_tiles;
       const int64_t b = bh / p.heads, h = bh % p.heads, kvh = h / group;
@@ -138,13 +226,21 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
         for (int64_t r = 0; r < rows; ++r) {
           Acc* s = scores.data() + r * kBlockK;
           const int64_t limit = row_limit(p, i0 + r, j0, cols);
+          // The max skips NaN; exp(NaN - max) then carries it into the sum.
           const Acc new_max = std::max(row_max[r], cpu::row_max(s, limit));
-          if (new_max == kNegInf) {  // nothing visible yet: keep zeros, never exp(-inf + inf)
+          if (new_max == kNegInf) {  // all -inf or NaN so far: never exp(-inf + inf)
+            if (cpu::has_nan(s, limit)) {
+              row_sum[r] = std::numeric_limits<Acc>::quiet_NaN();
+            }
             std::fill(s, s + cols, Acc(0));
             continue;
           }
           const Acc sum = cpu::exp_shifted_sum(s, limit, new_max);
           std::fill(s + limit, s + cols, Acc(0));
+          if (p.dropout()) {  // the sum (and lse) stay those of the undropped P
+            dropout_row<Acc>(p, b * p.heads + h, i0 + r, j0, limit, Acc(1), keep.data());
+            for (int64_t c = 0; c < limit; ++c) s[c] *= keep[c];
+          }
           const Acc alpha = cpu::exp_of(row_max[r] - new_max);  // 0 when row_max is -inf
           row_sum[r] = row_sum[r] * alpha + sum;
           row_max[r] = new_max;
@@ -152,18 +248,18 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
             for (int64_t c = 0; c < d; ++c) acc[r * d + c] *= alpha;
           }
         }
-        cpu::gemm<Acc>(false, false, rows, d, cols, Acc(1), scores.data(), kBlockK,
-                       v.at(b, kvh, j0), v.row_stride, Acc(1), acc.data(), d);
+        gemm_visible_keys<Acc>(p, i0, rows, j0, cols, Acc(1), scores.data(), v.at(b, kvh, j0),
+                               v.row_stride, acc.data(), d);
       }
       for (int64_t r = 0; r < rows; ++r) {
         T* o = out.at(b, h, i0 + r);
         Acc* l = lse + (b * p.heads + h) * p.seq_q + i0 + r;
-        if (row_sum[r] == Acc(0)) {  // no visible key: output 0, lse -inf
+        if (row_sum[r] == Acc(0)) {  // no visible key, or all scores -inf: output 0, lse -inf
           std::fill(o, o + d, T(0));
           *l = kNegInf;
           continue;
         }
-        const Acc inv = Acc(1) / row_sum[r];
+        const Acc inv = keep_scale / row_sum[r];
         for (int64_t c = 0; c < d; ++c) o[c] = static_cast<T>(acc[r * d + c] * inv);
         *l = row_max[r] + std::log(row_sum[r]);
       }
@@ -173,19 +269,37 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
 
 // P = exp(S - lse) and dS = P * (dP - delta) for one tile, in place:
 // `s` holds scale * Q K^T on entry and dS on exit, `p` receives P, `dp` holds dO V^T.
+// With dropout, Z = keep / (1 - p): `prob` receives P * Z and dS = P * (dP * Z - delta)
+// (delta = rowsum(dO * O) is still rowsum(P * dP * Z)).
 template <typename Acc>
-void softmax_grad_tile(const Problem& p, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
-                       const Acc* lse, const Acc* delta, Acc* s, Acc* prob, const Acc* dp) {
+void softmax_grad_tile(const Problem& p, int64_t bh, int64_t i0, int64_t rows, int64_t j0,
+                       int64_t cols, const Acc* lse, const Acc* delta, Acc* s, Acc* prob,
+                       const Acc* dp, Acc* keep) {
+  const Acc keep_scale = Acc(1) / static_cast<Acc>(1 - p.dropout_p);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t limit = std::isinf(lse[r]) ? 0 : row_limit(p, i0 + r, j0, cols);
     Acc* sr = s + r * kBlockK;
     Acc* pr = prob + r * kBlockK;
     const Acc* dpr = dp + r * kBlockK;
-    cpu::softmax_grad_row(sr, pr, dpr, limit, lse[r], delta[r]);
+    if (p.dropout()) {
+      dropout_row<Acc>(p, bh, i0 + r, j0, limit, keep_scale, keep);
+      cpu::softmax_dropout_grad_row(sr, pr, dpr, keep, limit, lse[r], delta[r]);
+    } else {
+      cpu::softmax_grad_row(sr, pr, dpr, limit, lse[r], delta[r]);
+    }
     std::fill(pr + limit, pr + cols, Acc(0));
     std::fill(sr + limit, sr + cols, Acc(0));
   }
 }
+
+// One thread's tiles in the backward.
+template <typename Acc>
+struct TileScratch {
+  std::vector<Acc> s = std::vector<Acc>(kBlockQ * kBlockK);
+  std::vector<Acc> prob = std::vector<Acc>(kBlockQ * kBlockK);
+  std::vector<Acc> dp = std::vector<Acc>(kBlockQ * kBlockK);
+  std::vector<Acc> keep = std::vector<Acc>(kBlockK);
+};
 
 template <typename T>
 void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::Tensor& k_t,
@@ -201,16 +315,18 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
   const int64_t d = p.dim, group = p.heads / p.kv_heads;
   const Acc scale = static_cast<Acc>(p.scale);
 
-  // delta_i = rowsum(dO_i * O_i), the softmax-gradient correction (O(seq) memory).
+  // delta_i = rowsum(dO_i * O_i), the softmax-gradient correction (O(seq) memory),
+  // summed in double: dS = P (dP - delta) cancels, so delta's rounding would
+  // add to dP's (O(seq * dim) work, not measurable next to the GEMMs).
   std::vector<Acc> delta(p.batch * p.heads * p.seq_q);
   at::parallel_for(0, p.batch * p.heads * p.seq_q, 256, [&](int64_t begin, int64_t end) {
     for (int64_t x = begin; x < end; ++x) {
       const int64_t i = x % p.seq_q, bh = x / p.seq_q;
       const T* o = out.at(bh / p.heads, bh % p.heads, i);
       const T* g = go.at(bh / p.heads, bh % p.heads, i);
-      Acc sum = 0;
-      for (int64_t c = 0; c < d; ++c) sum += static_cast<Acc>(o[c]) * static_cast<Acc>(g[c]);
-      delta[x] = sum;
+      double sum = 0;
+      for (int64_t c = 0; c < d; ++c) sum += static_cast<double>(o[c]) * static_cast<double>(g[c]);
+      delta[x] = static_cast<Acc>(sum);
     }
   });
   auto row_stats = [&](int64_t b, int64_t h, int64_t i0) {
@@ -218,26 +334,33 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
     return std::make_pair(lse + offset, delta.data() + offset);
   };
 
-  // P and dS of one (query tile, key tile) pair: s <- dS, prob <- P, dp scratch.
+  // P and dS of one (query tile, key tile) pair: s <- dS, prob <- P, dp and keep scratch.
   auto tile_grads = [&](int64_t b, int64_t h, int64_t kvh, int64_t i0, int64_t rows, int64_t j0,
-                        int64_t cols, Acc* s, Acc* prob, Acc* dp) {
+                        int64_t cols, Acc* s, Acc* prob, Acc* dp, Acc* keep) {
     const auto [tile_lse, tile_delta] = row_stats(b, h, i0);
     cpu::gemm<Acc>(false, true, rows, cols, d, scale, q.at(b, h, i0), q.row_stride,
                    k.at(b, kvh, j0), k.row_stride, Acc(0), s, kBlockK);
     cpu::gemm<Acc>(false, true, rows, cols, d, Acc(1), go.at(b, h, i0), go.row_stride,
                    v.at(b, kvh, j0), v.row_stride, Acc(0), dp, kBlockK);
-    softmax_grad_tile<Acc>(p, i0, rows, j0, cols, tile_lse, tile_delta, s, prob, dp);
+    softmax_grad_tile<Acc>(p, b * p.heads + h, i0, rows, j0, cols, tile_lse, tile_delta, s, prob,
+                           dp, keep);
   };
   auto zero_rows = [d](T* rows, int64_t count, int64_t stride) {
     for (int64_t r = 0; r < count; ++r) std::fill(rows + r * stride, rows + r * stride + d, T(0));
   };
   // dV += P^T dO, dK += scale * dS^T Q for one tile pair.
-  auto add_dk_dv = [&](int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t cols,
+  auto add_dk_dv = [&](int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
                        const Acc* ds, const Acc* prob, T* dk_rows, T* dv_rows) {
-    cpu::gemm<Acc>(true, false, cols, d, rows, Acc(1), prob, kBlockK, go.at(b, h, i0),
-                   go.row_stride, Acc(1), dv_rows, dv.row_stride);
-    cpu::gemm<Acc>(true, false, cols, d, rows, scale, ds, kBlockK, q.at(b, h, i0), q.row_stride,
-                   Acc(1), dk_rows, dk.row_stride);
+    gemm_visible_queries<Acc>(p, i0, rows, j0, cols, Acc(1), prob, go.at(b, h, i0),
+                              go.row_stride, dv_rows, dv.row_stride);
+    gemm_visible_queries<Acc>(p, i0, rows, j0, cols, scale, ds, q.at(b, h, i0), q.row_stride,
+                              dk_rows, dk.row_stride);
+  };
+  // dQ += scale * dS K for one tile pair.
+  auto add_dq = [&](int64_t b, int64_t h, int64_t kvh, int64_t i0, int64_t rows, int64_t j0,
+                    int64_t cols, const Acc* ds) {
+    gemm_visible_keys<Acc>(p, i0, rows, j0, cols, scale, ds, k.at(b, kvh, j0), k.row_stride,
+                           dq.at(b, h, i0), dq.row_stride);
   };
   const int64_t q_tiles = (p.seq_q + kBlockQ - 1) / kBlockQ;
   const int64_t k_tiles = (p.seq_k + kBlockK - 1) / kBlockK;
@@ -249,7 +372,7 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
     // One pass, 5 GEMMs per tile pair: each task owns a (batch, kv head) and so
     // every dq, dk, dv row of it (dq of a head depends only on its kv head).
     at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<Acc> s(kBlockQ * kBlockK), prob(kBlockQ * kBlockK), dp(kBlockQ * kBlockK);
+      TileScratch<Acc> t;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / p.kv_heads, kvh = task % p.kv_heads;
         for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
@@ -262,12 +385,11 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
           for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
             for (int64_t i0 = first_query_tile(j0); i0 < p.seq_q; i0 += kBlockQ) {
               const int64_t rows = std::min(kBlockQ, p.seq_q - i0);
-              tile_grads(b, h, kvh, i0, rows, j0, cols, s.data(), prob.data(), dp.data());
-              add_dk_dv(b, h, i0, rows, cols, s.data(), prob.data(), dk.at(b, kvh, j0),
+              tile_grads(b, h, kvh, i0, rows, j0, cols, t.s.data(), t.prob.data(), t.dp.data(),
+                         t.keep.data());
+              add_dk_dv(b, h, i0, rows, j0, cols, t.s.data(), t.prob.data(), dk.at(b, kvh, j0),
                         dv.at(b, kvh, j0));
-              cpu::gemm<Acc>(false, false, rows, d, cols, scale, s.data(), kBlockK,
-                             k.at(b, kvh, j0), k.row_stride, Acc(1), dq.at(b, h, i0),
-                             dq.row_stride);
+              add_dq(b, h, kvh, i0, rows, j0, cols, t.s.data());
             }
           }
         }
@@ -279,7 +401,7 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
   // Few (batch, kv head) pairs: two passes with finer tasks, 7 GEMMs per tile pair.
   // dq: one task per (batch, head, query tile), streaming over key tiles.
   at::parallel_for(0, p.batch * p.heads * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> s(kBlockQ * kBlockK), prob(kBlockQ * kBlockK), dp(kBlockQ * kBlockK);
+    TileScratch<Acc> t;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t tile = task % q_tiles, bh = task / q_tiles;
       const int64_t b = bh / p.heads, h = bh % p.heads, kvh = h / group;
@@ -288,16 +410,16 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
       const int64_t key_end = tile_key_end(p, i0, rows);
       for (int64_t j0 = 0; j0 < key_end; j0 += kBlockK) {
         const int64_t cols = std::min(kBlockK, key_end - j0);
-        tile_grads(b, h, kvh, i0, rows, j0, cols, s.data(), prob.data(), dp.data());
-        cpu::gemm<Acc>(false, false, rows, d, cols, scale, s.data(), kBlockK, k.at(b, kvh, j0),
-                       k.row_stride, Acc(1), dq.at(b, h, i0), dq.row_stride);
+        tile_grads(b, h, kvh, i0, rows, j0, cols, t.s.data(), t.prob.data(), t.dp.data(),
+                   t.keep.data());
+        add_dq(b, h, kvh, i0, rows, j0, cols, t.s.data());
       }
     }
   });
   // dk, dv: one task per (batch, kv head, key tile), over the query heads of
   // its group and the query tiles that see the key tile.
   at::parallel_for(0, p.batch * p.kv_heads * k_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> s(kBlockQ * kBlockK), prob(kBlockQ * kBlockK), dp(kBlockQ * kBlockK);
+    TileScratch<Acc> t;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t tile = task % k_tiles, bkv = task / k_tiles;
       const int64_t b = bkv / p.kv_heads, kvh = bkv % p.kv_heads;
@@ -307,8 +429,9 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
       for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
         for (int64_t i0 = first_query_tile(j0); i0 < p.seq_q; i0 += kBlockQ) {
           const int64_t rows = std::min(kBlockQ, p.seq_q - i0);
-          tile_grads(b, h, kvh, i0, rows, j0, cols, s.data(), prob.data(), dp.data());
-          add_dk_dv(b, h, i0, rows, cols, s.data(), prob.data(), dk.at(b, kvh, j0),
+          tile_grads(b, h, kvh, i0, rows, j0, cols, t.s.data(), t.prob.data(), t.dp.data(),
+                     t.keep.data());
+          add_dk_dv(b, h, i0, rows, j0, cols, t.s.data(), t.prob.data(), dk.at(b, kvh, j0),
                     dv.at(b, kvh, j0));
         }
       }
@@ -319,14 +442,17 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
 std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(const at::Tensor& q_in,
                                                                const at::Tensor& k_in,
                                                                const at::Tensor& v_in,
-                                                               bool causal, double scale) {
-  const Problem p = check_inputs("flash_attention_forward", q_in, k_in, v_in, causal, scale);
+                                                               bool causal, double scale,
+                                                               double dropout_p, int64_t seed) {
+  const Problem p = check_inputs("flash_attention_forward", q_in, k_in, v_in, causal, scale,
+                                 dropout_p, seed);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor q = with_unit_last_stride(q_in), k = with_unit_last_stride(k_in),
                    v = with_unit_last_stride(v_in);
   at::Tensor out = at::empty({p.batch, p.heads, p.seq_q, p.dim}, q.options());
   at::Tensor lse = at::empty({p.batch, p.heads, p.seq_q},
                              q.options().dtype(at::toOpMathType(q.scalar_type())));
+  if (out.numel() == 0) return {out, lse};  // empty (and no kv group to divide by)
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_attention_forward_cpu", [&] {
     forward_kernel<scalar_t>(q, k, v, out, lse, p);
   });
@@ -336,9 +462,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, bool causal,
-    double scale) {
+    double scale, double dropout_p, int64_t seed) {
   constexpr const char* op = "flash_attention_backward";
-  const Problem p = check_inputs(op, q_in, k_in, v_in, causal, scale);
+  const Problem p = check_inputs(op, q_in, k_in, v_in, causal, scale, dropout_p, seed);
   TORCH_CHECK_VALUE(grad_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(), op,
                     ": `grad_out` and `out` must have the shape of `q` ", q_in.sizes(),
                     ", got ", grad_in.sizes(), " and ", out_in.sizes());
@@ -360,6 +486,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
+  if (p.batch * p.heads == 0) return {dq, dk, dv};  // empty (and no kv group to divide by)
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_attention_backward_cpu", [&] {
     backward_kernel<scalar_t>(grad, q, k, v, out, lse, dq, dk, dv, p);
   });

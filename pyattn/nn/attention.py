@@ -50,15 +50,16 @@ class CausalSelfAttention(nn.Module):
         \mathrm{softmax}(\mathrm{mask}(q_h k_h^\top / \sqrt{d}))\, v_h\big)
 
     with ``q, k, v`` from one fused linear projection, optional RoPE on ``q``
-    and ``k``, grouped-query heads (``num_kv_heads`` dividing ``num_heads``) and
-    dropout on the output projection.
+    and ``k``, grouped-query heads (``num_kv_heads`` dividing ``num_heads``),
+    dropout on the attention probabilities and on the output projection.
 
     Args:
         embed_dim: model width; ``embed_dim / num_heads`` is the head size.
         num_heads: query heads.
         num_kv_heads: key / value heads (default ``num_heads``).
-        dropout: dropout on the output (residual) path. The attention kernel has
-            no dropout on its probabilities.
+        dropout: dropout on the output (residual) path.
+        attn_dropout: dropout on the attention probabilities (``dropout_p`` of
+            :func:`pyattn.flash_attention`), in training mode only. Default 0.
         bias: biases of the projections.
         rope: apply rotary position embeddings to ``q`` and ``k``.
         rope_theta: RoPE base.
@@ -69,7 +70,7 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None,
                  dropout: float = 0.0, bias: bool = True, rope: bool = False,
-                 rope_theta: float = 10000.0, backend: str = "auto"):
+                 rope_theta: float = 10000.0, backend: str = "auto", attn_dropout: float = 0.0):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if embed_dim % num_heads:
@@ -84,6 +85,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias)
         self.proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
+        self.attn_dropout = attn_dropout
         self.rope = RotaryEmbedding(self.head_dim, rope_theta) if rope else None
 
     def split_heads(self, x: torch.Tensor, offset: int = 0):
@@ -99,6 +101,10 @@ class CausalSelfAttention(nn.Module):
             q, k = self.rope(q, offset), self.rope(k, offset)
         return q, k, v
 
+    def attention_dropout_p(self) -> float:
+        """The attention-probability dropout of this call: 0 in eval mode."""
+        return self.attn_dropout if self.training else 0.0
+
     def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
         """(batch, heads, seq, head_dim) -> output projection of (batch, seq, embed_dim)."""
         batch, _, seq, _ = y.shape
@@ -107,4 +113,5 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.split_heads(x)
-        return self.merge_heads(flash_attention(q, k, v, causal=True, backend=self.backend))
+        return self.merge_heads(flash_attention(q, k, v, causal=True, backend=self.backend,
+                                                dropout_p=self.attention_dropout_p()))

@@ -17,6 +17,7 @@ import math
 import os
 
 import torch
+from torch.autograd import forward_ad
 from torch.library import triton_op, wrap_triton
 
 from pyattn import reference
@@ -50,15 +51,25 @@ def _check_inputs(q, k, v):
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"flash_attention: head_dim of `q` ({q.shape[3]}) and `k` "
                          f"({k.shape[3]}) differ")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+    # heads = kv_heads = 0 is an empty problem (as in SDPA).
+    if (q.shape[1] % k.shape[1] != 0) if k.shape[1] else q.shape[1] != 0:
         raise ValueError(f"flash_attention: heads of `q` ({q.shape[1]}) must be a multiple of "
                          f"kv_heads of `k` ({k.shape[1]})")
     head_dim = q.shape[3]
     if head_dim == 0 or head_dim % 8 != 0 or head_dim > 256:
         raise ValueError(f"flash_attention: head_dim must be a multiple of 8 up to 256, got {head_dim}")
-    if min(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) == 0:
-        raise ValueError(f"flash_attention: batch, heads and sequence lengths must be >= 1, got "
-                         f"q {tuple(q.shape)}, k {tuple(k.shape)}")
+
+
+def _check_dropout(dropout_p) -> float:
+    p = float(dropout_p)
+    if not (math.isfinite(p) and 0.0 <= p < 1.0):
+        raise ValueError(f"flash_attention: `dropout_p` must be in [0, 1), got {dropout_p}")
+    return p
+
+
+def _draw_seed(generator: torch.Generator | None) -> int:
+    """A dropout seed in [0, 2^62) from ``generator`` (the default CPU generator if None)."""
+    return int(torch.randint(0, 2 ** 62, (), generator=generator, dtype=torch.int64))
 
 
 def _resolve_backend(backend: str, q: torch.Tensor) -> str:
@@ -87,9 +98,11 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> str:
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                    scale: float | None = None, return_lse: bool = False,
+                    scale: float | None = None, dropout_p: float = 0.0,
+                    generator: torch.Generator | None = None, return_lse: bool = False,
                     backend: str = "auto"):
-    r"""Attention :math:`\mathrm{softmax}(q k^\top \cdot \text{scale})\, v` in O(seq) memory.
+    r"""Attention :math:`\mathrm{dropout}(\mathrm{softmax}(q k^\top \cdot \text{scale}))\, v`
+    in O(seq) memory.
 
     Args:
         q: ``(batch, heads, seq_q, head_dim)``.
@@ -99,51 +112,73 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             last key when ``seq_q != seq_k`` (FlashAttention 2). A query that
             sees no key gets zeros.
         scale: defaults to ``1 / sqrt(head_dim)``.
+        dropout_p: probability of zeroing each attention probability; kept
+            ones are scaled by ``1 / (1 - dropout_p)``. In ``[0, 1)``; 0 (the
+            default) is exactly attention without dropout. The mask is drawn
+            per element by a counter-based generator (Philox4x32-10) from a
+            seed, so the backward regenerates it and nothing of size
+            ``seq_q x seq_k`` is stored; the same seed gives the same result on
+            every run and thread count. The cpp and triton masks differ.
+        generator: the ``torch.Generator`` one seed per call is drawn from
+            when ``dropout_p > 0`` (default: PyTorch's default CPU generator,
+            so ``torch.manual_seed`` reproduces the masks).
         return_lse: also return the row log-sum-exp ``(batch, heads, seq_q)``
             (float32; float64 for float64 inputs; ``-inf`` for rows that see no
-            key). The lse carries no gradient.
+            key or whose scores are all ``-inf``) of the probabilities before
+            dropout. The lse carries no gradient.
         backend: ``'auto'`` (triton on CUDA, cpp on CPU), ``'triton'``,
             ``'cpp'`` or ``'reference'``.
 
-    head_dim: any multiple of 8 up to 256. Inputs may have any strides. The
-    backward is deterministic on every backend (no atomics). Same calling
-    convention as ``F.scaled_dot_product_attention(q, k, v, is_causal=causal,
-    scale=scale)`` for equal heads.
+    head_dim: any multiple of 8 up to 256. Inputs may have any strides; batch,
+    heads and sequence lengths may be 0 (empty outputs; zeros where no key).
+    The backward is deterministic on every backend (no atomics); it is not
+    itself differentiable (second derivatives raise), and forward-mode AD
+    raises. NaN / Inf at masked-out (future) positions do not reach any
+    result on the cpp backend; NaN in a visible score gives a NaN row. Same
+    calling convention as ``F.scaled_dot_product_attention(q, k, v,
+    is_causal=causal, scale=scale, dropout_p=dropout_p)`` for equal heads.
     """
     _check_inputs(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"flash_attention: `scale` must be finite, got {scale}")
+    dropout_p = _check_dropout(dropout_p)
     backend = _resolve_backend(backend, q)
-    if backend == "reference":
-        out, lse = reference.attention(q, k, v, causal, scale)
-        lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-    elif backend == "cpp":
-        out, lse = torch.ops.pyattn.flash_attention_forward(q, k, v, causal, scale)
+    seed = _draw_seed(generator) if dropout_p > 0 else 0
+    if backend == "reference":  # differentiable in every mode (math in float64)
+        out, lse = reference.attention(q, k, v, causal, scale, dropout_p, seed)
+        return (out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)) \
+            if return_lse else out
+    _refuse_forward_ad(q, k, v)
+    if backend == "cpp":
+        out, lse = torch.ops.pyattn.flash_attention_forward(q, k, v, causal, scale, dropout_p, seed)
     else:
-        out, lse = torch.ops.pyattn.flash_attention_triton_forward(q, k, v, causal, scale)
+        out, lse = torch.ops.pyattn.flash_attention_triton_forward(q, k, v, causal, scale,
+                                                                   dropout_p, seed)
     return (out, lse) if return_lse else out
 
 
 # ---------------------------------------------------------------- C++ backend
 
 @torch.library.register_fake("pyattn::flash_attention_forward")
-def _forward_fake(q, k, v, causal, scale):
+def _forward_fake(q, k, v, causal, scale, dropout_p, seed):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return (q.new_empty(q.shape),
             q.new_empty(q.shape[:3], dtype=lse_dtype))
 
 
 @torch.library.register_fake("pyattn::flash_attention_backward")
-def _backward_fake(grad_out, q, k, v, out, lse, causal, scale):
+def _backward_fake(grad_out, q, k, v, out, lse, causal, scale, dropout_p, seed):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+# ------------------------------------------ autograd (shared by both backends)
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
+    q, k, v, causal, scale, dropout_p, seed = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
     ctx.mark_non_differentiable(lse)
 
 
@@ -152,14 +187,41 @@ def _make_backward(backward_op):
         q, k, v, out, lse = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale,
+                                 ctx.dropout_p, ctx.seed)
+        return dq, dk, dv, None, None, None, None
     return backward
+
+
+def _refuse_double_backward(backward_op_name: str):
+    """Autograd of a backward op: recorded when the first backward builds a graph
+    (create_graph=True), raising when that graph is differentiated."""
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"flash_attention: double backward is not supported: {backward_op_name} (the "
+            f"gradient of pyattn.flash_attention) is not differentiable. For second "
+            f"derivatives use F.scaled_dot_product_attention or backend='reference'.")
+    return backward
+
+
+def _refuse_forward_ad(*tensors):
+    """Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) has no rule here,
+    and the ops would return outputs without a tangent: raise instead. (Checked
+    in eager mode; the compiler does not trace forward AD.)"""
+    if torch.compiler.is_compiling():
+        return
+    if any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise RuntimeError("flash_attention: forward-mode AD (torch.func.jvp, "
+                           "torch.autograd.forward_ad) is not supported; use "
+                           "F.scaled_dot_product_attention or backend='reference'")
 
 
 torch.library.register_autograd("pyattn::flash_attention_forward",
                                 _make_backward(torch.ops.pyattn.flash_attention_backward),
                                 setup_context=_setup_context)
+torch.library.register_autograd(
+    "pyattn::flash_attention_backward",
+    _refuse_double_backward("pyattn::flash_attention_backward"))
 
 
 # ------------------------------------------------------------- Triton backend
@@ -304,6 +366,8 @@ def _triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
 
 
 _triton_forward.register_autograd(_make_backward(_triton_backward), setup_context=_setup_context)
+_triton_backward.register_autograd(
+    _refuse_double_backward("pyattn::flash_attention_triton_backward"))
 
 
 def triton_dropout_keep(batch: int, heads: int, seq_q: int, seq_k: int, dropout_p: float,

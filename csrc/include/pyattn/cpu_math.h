@@ -60,10 +60,10 @@ inline float exp_approx(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : p * scale;
+  return x < -87.0f ? 0.0f : (x != x ? x : p * scale);  // NaN stays NaN
 }
 
 inline float exp_of(float x) { return exp_approx(x); }
@@ -106,6 +106,27 @@ inline double exp_shifted_sum(double* s, int64_t n, double shift) {
   return sum;
 }
 
+// Whether all of rows x cols values (row stride ld) are finite: x * 0 is 0
+// for finite x and NaN for NaN and +-Inf, so one branch-free sum decides.
+template <typename T>
+PYATTN_CPU_CLONES inline bool all_finite(const T* a, int64_t rows, int64_t ld, int64_t cols) {
+  T sum = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = a + r * ld;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < cols; ++c) sum += row[c] * T(0);
+  }
+  return sum == T(0);
+}
+
+template <typename T>
+inline bool has_nan(const T* s, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) {
+    if (s[c] != s[c]) return true;
+  }
+  return false;
+}
+
 // p[c] = exp(s[c] - lse); s[c] = p[c] * (dp[c] - delta) for c < n.
 PYATTN_CPU_CLONES inline void softmax_grad_row(float* s, float* p, const float* dp, int64_t n,
                                                float lse, float delta) {
@@ -121,6 +142,19 @@ inline void softmax_grad_row(double* s, double* p, const double* dp, int64_t n, 
   for (int64_t c = 0; c < n; ++c) {
     p[c] = std::exp(s[c] - lse);
     s[c] = p[c] * (dp[c] - delta);
+  }
+}
+
+// With dropout scale z (keep / (1 - p)): p[c] = exp(s[c] - lse) * z[c] and
+// s[c] = exp(s[c] - lse) * (dp[c] * z[c] - delta) for c < n.
+template <typename T>
+PYATTN_CPU_CLONES inline void softmax_dropout_grad_row(T* s, T* p, const T* dp, const T* z,
+                                                       int64_t n, T lse, T delta) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    const T prob = exp_of(s[c] - lse);
+    s[c] = prob * (dp[c] * z[c] - delta);
+    p[c] = prob * z[c];
   }
 }
 
