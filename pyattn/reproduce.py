@@ -68,10 +68,10 @@ SECTIONS = ("q11", "q12", "q2", "q29", "q3")
 
 
 class Report:
-    """Markdown sections plus the wall time of each."""
+    """Markdown sections plus the wall and CPU time of each."""
 
     def __init__(self, out: str):
-        self.out, self.parts, self.times = out, [], {}
+        self.out, self.parts, self.times, self.cpu_times = out, [], {}, {}
         os.makedirs(out, exist_ok=True)
 
     def add(self, text: str) -> None:
@@ -89,13 +89,15 @@ class Report:
 
 def _section(report: Report, title: str, run, *args):
     print(f"\n== {title}")
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     try:
         run(report, *args)
     except SkippedSection as skip:
         report.add(f"## {title}\n\n_Skipped: {skip}_\n")
         print(f"   skipped: {skip}")
     report.times[title] = time.time() - start
+    report.cpu_times[title] = time.process_time() - cpu_start
+    print(f"   {title}: {report.times[title]:.0f} s wall, {report.cpu_times[title]:.0f} s CPU")
 
 
 class SkippedSection(Exception):
@@ -354,16 +356,18 @@ def machine_section(report: Report, setting: Setting, total: float):
         triton = "not installed"
     build = compiled_backends()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    times = "\n".join(f"| {name} | {t:.0f} s |" for name, t in report.times.items())
+    times = "\n".join(f"| {name} | {t:.0f} s | {report.cpu_times[name]:.0f} s |"
+                      for name, t in report.times.items())
     report.add(f"""## Machine and run
 
-- setting: {setting.name}; total wall time {total:.0f} s
-- {platform.platform()}, Python {platform.python_version()}, {os.cpu_count()} CPUs, GPU: {gpu}
+- setting: {setting.name}; total wall time {total:.0f} s, CPU time {sum(report.cpu_times.values()):.0f} s
+- {platform.platform()}, Python {platform.python_version()}, {os.cpu_count()} CPUs,
+  {torch.get_num_threads()} torch threads, GPU: {gpu}
 - pyattn {pyattn.__version__}, torch {torch.__version__}, triton {triton}
 - compiled backends: cpu (OpenMP {build['openmp']}), cuda {build['cuda_archs'] or 'no'}
 
-| section | wall time |
-| --- | --- |
+| section | wall time | CPU time (all threads) |
+| --- | --- | --- |
 {times}
 """)
 
