@@ -9,24 +9,37 @@ import torch
 from pyattn import reproduce
 from pyattn.studies import rotation
 
-from conftest import DATA_DIR as DATA
+from conftest import DATA_DIR as DATA, requires_data
 
 
-def test_report_tiny_end_to_end(tmp_path):
-    text = os.path.join(DATA, "text", "grimms_fairy_tales.txt")
-    planetoid = os.path.join(DATA, "planetoid")
-    args = ["--setting", "tiny", "--out", str(tmp_path)]
-    if os.path.exists(text):
-        args += ["--text", text, "--planetoid-dir", planetoid]
-    path = reproduce.main(args)
+@requires_data("text", "grimms_fairy_tales.txt")
+@requires_data("planetoid", "ind.cora.x")
+def test_report_tiny_end_to_end_on_the_shipped_data(tmp_path):
+    path = reproduce.main(["--setting", "tiny", "--out", str(tmp_path)])
     report = open(path).read()
     for heading in ("## Q1.1", "## Q1.2", "## Q2 ", "## Q2.1 / Q2.9", "## Q3", "## Machine"):
         assert heading in report, heading
     for figure in ("q11_samples.png", "q12_rotation.png", "q29_attention.png"):
         assert os.path.getsize(tmp_path / figure) > 1000
     assert "[2, 4, 5]" in report  # the nodes that change most under L X
-    if not os.path.exists(text):
-        assert "_Skipped: no training text" in report
+    assert "_Skipped" not in report
+    assert "grimms_fairy_tales.txt" in report and "Node classification on cora" in report
+
+
+def test_defaults_are_the_shipped_data():
+    args = reproduce.build_parser().parse_args([])
+    assert args.text == os.path.join(DATA, "text", "grimms_fairy_tales.txt")
+    assert args.planetoid_dir == os.path.join(DATA, "planetoid")
+    assert args.sections is None
+
+
+def test_quick_setting_is_the_documented_q11_setting():
+    quick = reproduce.SETTINGS["quick"]
+    assert (quick.padding_repeats, quick.padding_epochs, quick.padding_batch) == (
+        1, {"Net1": 10, "Net2": 2}, 50)
+    full = reproduce.SETTINGS["full"]
+    assert (full.padding_repeats, full.padding_epochs, full.padding_batch) == (
+        10, {"Net1": 50, "Net2": 50}, 200)
 
 
 def test_missing_text_skips_the_gpt_section(tmp_path):

@@ -1,20 +1,23 @@
 """Seed Q1.1: how padding and pooling decide whether a CNN generalises to shifted objects.
 
-The data follow the original protocol: 3x32x32 images holding two 4x4 unit
-boxes, red (channel 0) and green (channel 1). Class 0: red left of green, near
-row 7; class 1: green left of red, near row 23. The test set holds the same
-draws with class-0 boxes moved down 16 rows and class-1 boxes up 16 rows, so a
-net must recognise the left/right order wherever it appears.
+The data follow the original assignment exactly (pinned by checksums in
+tests/test_cnn_padding.py): 3x32x32 images holding two 4x4 unit boxes, red
+(channel 0) and green (channel 1). Class 0: red left of green, near row 7;
+class 1: green left of red, near row 23. The test set holds the same draws with
+class-0 boxes moved down 16 rows and class-1 boxes up 16 rows, so a net must
+recognise the left/right order wherever it appears.
 
-Nets: four bias-free 3x3 convs 3->32, 32->32, 32->64, 64->64 (stride 2), ReLU
-after each, then Net1 = global max pool + Linear(64, 2), or Net2 = flatten +
-Linear(64*s*s, 64) + Linear(64, 2). The conv type sets padding size and mode.
+Nets: four bias-free 3x3 convs 3->32 (stride 1), 32->32, 32->64, 64->64
+(stride 2 each), ReLU after each, then Net1 = global max pool + Linear(64, 2),
+or Net2 = flatten + Linear(64*s*s, 64) + Linear(64, 2) (no ReLU between), with
+s = 2 / 4 / 6 for padding 0 / 1 / 2. The conv type sets padding size and mode.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Callable, Iterable, Optional
+import time
+from typing import Callable, Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -25,10 +28,17 @@ from pyattn.nn import PaddedConv2d
 
 IMAGE_SIZE = 32
 BOX = 4
+SPAN = IMAGE_SIZE - BOX     # 28: the last column a box may start at (exclusive)
 BANDS = (7, 23)             # the row each class's boxes sit near
-JITTER = (IMAGE_SIZE - BOX) // 6  # rows drawn from randint(-4, 4), half-open as numpy's
+# The original draws rows from randint(-28/6, 28/6); numpy truncates the float
+# bounds to randint(-4, 4), i.e. -4..3.
+JITTER = SPAN // 6
+FIRST_COLUMNS = SPAN // 2 - BOX  # 10: the first box's column is randint(0, 10)
 TEST_SHIFT = 16
 MIN_GAP = 5
+DATA_SEED = 42
+STRIDES = (1, 2, 2, 2)
+CHANNELS = (3, 32, 32, 64, 64)
 
 # padding size and padding mode of each conv type of the seed
 CONV_TYPES = {
@@ -50,32 +60,33 @@ SEED_RESULTS = {
 }
 
 
-def make_boxes(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Box positions of `count` samples: (count, 2, 2) [box, (row, col)] and labels.
+def make_boxes(count: int, seed: int = DATA_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Box positions of `count` samples: (count, 2, 2) [box, (row, col)] and labels (count,).
 
     Box 0 is the left one. Samples alternate class 0, 1, 0, ...; one
-    ``np.random.RandomState(seed)`` draws, per sample: first row, first column
-    in [0, 10), then second (row, column in [first, 28)) until the columns
-    differ by at least 5.
+    ``np.random.RandomState(seed)`` draws, per sample and in this order (as the
+    original): first column in [0, 10), first row band + [-4, 4), second column
+    in [first, 28), second row band + [-4, 4), the last two redrawn together
+    until the columns differ by at least 5.
     """
     rng = np.random.RandomState(seed)
     boxes = np.zeros((count, 2, 2), dtype=np.int64)
     labels = np.arange(count) % 2
     for i, label in enumerate(labels):
         band = BANDS[label]
+        col1 = rng.randint(0, FIRST_COLUMNS)
         row1 = band + rng.randint(-JITTER, JITTER)
-        col1 = rng.randint(0, 10)
-        while True:
+        col2 = rng.randint(col1, SPAN)
+        row2 = band + rng.randint(-JITTER, JITTER)
+        while abs(col1 - col2) < MIN_GAP:
+            col2 = rng.randint(col1, SPAN)
             row2 = band + rng.randint(-JITTER, JITTER)
-            col2 = rng.randint(col1, IMAGE_SIZE - BOX)
-            if abs(col2 - col1) >= MIN_GAP:
-                break
         boxes[i] = [[row1, col1], [row2, col2]]
     return boxes, labels
 
 
 def render(boxes: np.ndarray, labels: np.ndarray, shift_rows: bool = False) -> torch.Tensor:
-    """Images (N, 3, 32, 32): left box red for class 0, green for class 1.
+    """Float32 images (N, 3, 32, 32): left box red for class 0, green for class 1.
 
     ``shift_rows`` moves class-0 boxes down and class-1 boxes up by 16 rows (test set).
     """
@@ -90,26 +101,35 @@ def render(boxes: np.ndarray, labels: np.ndarray, shift_rows: bool = False) -> t
 
 @dataclasses.dataclass
 class Datasets:
-    train: tuple[torch.Tensor, torch.Tensor]
+    train: tuple[torch.Tensor, torch.Tensor]   # (images float32, labels int64)
     val: tuple[torch.Tensor, torch.Tensor]
-    test: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]    # shifted boxes
     protocol: str
 
     def note(self) -> str:
         if self.protocol == "original":
             n_val = len(self.val[1])
-            return ("val protocol 'original': as in the seed, every set reseeds the generator "
+            return ("val protocol 'original': as in the seed, every set reseeds numpy's generator "
                     f"with 42, so the validation images are the first {n_val} training images "
                     "and the test images are those same draws shifted")
         return "val protocol 'fresh': validation and test are independent draws (seeds 43, 44)"
 
 
+VAL_PROTOCOLS = ("original", "fresh")
+
+
 def make_datasets(protocol: str = "original", n_train: int = 2000, n_val: int = 1000,
                   n_test: int = 1000) -> Datasets:
-    """Train / val / test sets of the seed (``original``) or independent ones (``fresh``)."""
-    if protocol not in ("original", "fresh"):
-        raise ValueError(f"val protocol must be 'original' or 'fresh', got {protocol!r}")
-    seeds = (42, 42, 42) if protocol == "original" else (42, 43, 44)
+    """Train / val / test sets.
+
+    ``original`` (the seed's): every set is drawn by ``make_boxes(count, 42)``,
+    so val is the first ``n_val`` training images and test the first
+    ``n_test`` ones shifted. ``fresh`` (ours, for an honest validation score):
+    val and test are drawn with seeds 43 and 44.
+    """
+    if protocol not in VAL_PROTOCOLS:
+        raise ValueError(f"val protocol must be one of {VAL_PROTOCOLS}, got {protocol!r}")
+    seeds = (DATA_SEED,) * 3 if protocol == "original" else (DATA_SEED, 43, 44)
     sets = []
     for (count, seed, shifted) in zip((n_train, n_val, n_test), seeds, (False, False, True)):
         boxes, labels = make_boxes(count, seed)
@@ -129,15 +149,24 @@ def conv_factory(impl: str) -> ConvFactory:
 
 
 def feature_size(padding: int) -> int:
-    """Spatial size s after the four convs (three stride 1, one stride 2)."""
+    """Spatial size s of the final feature map: 3x3 convs with strides (1, 2, 2, 2) on 32x32.
+
+    size -> (size + 2 * padding - 3) // stride + 1 per conv: 2 / 4 / 6 for padding 0 / 1 / 2.
+    """
     size = IMAGE_SIZE
-    for stride in (1, 1, 1, 2):
+    for stride in STRIDES:
         size = (size + 2 * padding - 3) // stride + 1
     return size
 
 
 class PaddingNet(nn.Module):
-    """The seed's Net1 (``pool=True``: global max pool) or Net2 (flatten)."""
+    """The seed's Net1 (global max pool) or Net2 (flatten), on one conv type.
+
+    Modules are created in the original's order -- conv1..conv4, the 64 -> 2
+    classifier, then (Net2 only) the 64*s*s -> 64 hidden layer -- so that
+    ``torch.manual_seed(r)`` before construction gives the original's initial
+    weights for repeat r.
+    """
 
     def __init__(self, net: str, conv_type: str, conv: ConvFactory = PaddedConv2d):
         super().__init__()
@@ -147,19 +176,23 @@ class PaddingNet(nn.Module):
             raise ValueError(f"conv type must be one of {tuple(CONV_TYPES)}, got {conv_type!r}")
         padding, mode = CONV_TYPES[conv_type]
         layers = []
-        for c_in, c_out, stride in ((3, 32, 1), (32, 32, 1), (32, 64, 1), (64, 64, 2)):
+        for c_in, c_out, stride in zip(CHANNELS[:-1], CHANNELS[1:], STRIDES):
             layers += [conv(c_in, c_out, 3, stride=stride, padding=padding, bias=False,
                             padding_mode=mode), nn.ReLU()]
         self.features = nn.Sequential(*layers)
-        if net == "Net1":
-            self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(64, 2))
-        else:
+        self.classifier = nn.Linear(CHANNELS[-1], 2)
+        self.pool = net == "Net1"
+        if not self.pool:
             size = feature_size(padding)
-            self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * size * size, 64),
-                                      nn.Linear(64, 2))
+            self.hidden = nn.Linear(CHANNELS[-1] * size * size, CHANNELS[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        x = self.features(x)
+        if self.pool:
+            x = F.adaptive_max_pool2d(x, 1).flatten(1)
+        else:
+            x = self.hidden(x.flatten(1))
+        return self.classifier(x)
 
 
 @dataclasses.dataclass
@@ -173,10 +206,35 @@ class TrainConfig:
     weight_decay: float = 5e-5
 
 
+class EarlyStopping:
+    """The original's rule. ``best`` starts at 50.0; an epoch whose val loss is
+    below ``best`` is an improvement (checkpoint, count reset); otherwise the
+    count of misses rises up to ``patience``, and a miss with the count already
+    at ``patience`` stops training: the (patience + 1)-th consecutive miss."""
+
+    def __init__(self, patience: int, initial_best: float = 50.0):
+        self.patience, self.best, self.misses = patience, initial_best, 0
+
+    def update(self, val_loss: float) -> tuple[bool, bool]:
+        """(improved, stop) after an epoch with ``val_loss``."""
+        if val_loss < self.best:
+            self.best, self.misses = val_loss, 0
+            return True, False
+        if self.misses < self.patience:
+            self.misses += 1
+            return False, False
+        return False, True
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], batch_size: int,
              device: torch.device) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy in percent)."""
+    """(loss, accuracy in percent), the loss as the original computes it.
+
+    loss = (sum over batches of the batch-mean cross-entropy) / number of
+    images: the mean cross-entropy divided by the batch size when batches are
+    equal, so it orders epochs as the mean does.
+    """
     model.eval()
     images, labels = data
     loss = correct = 0.0
@@ -184,30 +242,34 @@ def evaluate(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], batch_si
         x = images[start:start + batch_size].to(device)
         y = labels[start:start + batch_size].to(device)
         logits = model(x)
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        loss += F.cross_entropy(logits, y).item()
         correct += (logits.argmax(1) == y).sum().item()
     return loss / len(labels), 100.0 * correct / len(labels)
 
 
 @dataclasses.dataclass
 class RunResult:
-    val_accuracy: float    # last trained epoch's, as the seed reports it
+    val_accuracy: float    # of the last epoch trained, as the seed reports it
     test_accuracy: float   # of the checkpoint with the best validation loss
     epochs: int
     best_epoch: int
+    seconds: float = 0.0   # wall time of training and testing
 
 
 def train_one(net: str, conv_type: str, data: Datasets, seed: int, config: TrainConfig,
               device: torch.device, impl: str = "pyattn",
               on_epoch: Optional[Callable[[int, float, float], None]] = None) -> RunResult:
-    """Train one net as the seed does: Adadelta, no shuffling, early stopping on val loss."""
+    """Train one net as the original: ``torch.manual_seed(seed)``, then the net;
+    Adadelta; batches in order (no shuffling); validation after every epoch;
+    early stopping (:class:`EarlyStopping`); test on the best-val-loss checkpoint."""
+    start_time = time.perf_counter()
     torch.manual_seed(seed)
     model = PaddingNet(net, conv_type, conv_factory(impl)).to(device)
     optimizer = torch.optim.Adadelta(model.parameters(), lr=config.lr, rho=config.rho,
                                      eps=config.eps, weight_decay=config.weight_decay)
     images, labels = data.train
-    best_loss, best_state, best_epoch, stale = float("inf"), None, 0, 0
-    val_accuracy, epoch = 0.0, 0
+    stopping = EarlyStopping(config.patience)
+    best_state, best_epoch, val_accuracy, epoch = None, 0, 0.0, 0
     for epoch in range(1, config.epochs + 1):
         model.train()
         for start in range(0, len(labels), config.batch_size):
@@ -219,16 +281,18 @@ def train_one(net: str, conv_type: str, data: Datasets, seed: int, config: Train
         val_loss, val_accuracy = evaluate(model, data.val, config.batch_size, device)
         if on_epoch is not None:
             on_epoch(epoch, val_loss, val_accuracy)
-        if val_loss < best_loss:
-            best_loss, best_epoch, stale = val_loss, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
+        improved, stop = stopping.update(val_loss)
+        if improved:
+            best_state, best_epoch = copy.deepcopy(model.state_dict()), epoch
+        if stop:
+            break
+    if best_state is None:
+        raise RuntimeError(f"{net} {conv_type} seed {seed}: no epoch reached a validation "
+                           f"loss below {stopping.best} (diverged?)")
     model.load_state_dict(best_state)
     _, test_accuracy = evaluate(model, data.test, config.batch_size, device)
-    return RunResult(val_accuracy, test_accuracy, epoch, best_epoch)
+    return RunResult(val_accuracy, test_accuracy, epoch, best_epoch,
+                     time.perf_counter() - start_time)
 
 
 @dataclasses.dataclass
@@ -243,18 +307,33 @@ class StudyRow:
         test = np.array([r.test_accuracy for r in self.runs])
         return float(val.mean()), float(val.std()), float(test.mean()), float(test.std())
 
+    @property
+    def seconds(self) -> float:
+        """Wall time of the whole cell (all repeats)."""
+        return sum(r.seconds for r in self.runs)
 
-def run_study(configs: Iterable[tuple[str, str]], repeats: int, config: TrainConfig,
+
+# One config for every net, or one per net name (e.g. fewer epochs for Net2).
+Configs = Union[TrainConfig, dict]
+
+
+def run_study(configs: Iterable[tuple[str, str]], repeats: int, config: Configs,
               device: torch.device, impl: str = "pyattn", protocol: str = "original",
-              progress: bool = True) -> tuple[list[StudyRow], Datasets]:
-    """Train every (net, conv type) `repeats` times (repeat r: weights seeded r)."""
+              progress: bool = True, data: Optional[Datasets] = None, first_seed: int = 0
+              ) -> tuple[list[StudyRow], Datasets]:
+    """Train every (net, conv type) `repeats` times (repeat r: weights seeded first_seed + r).
+
+    ``config`` is a :class:`TrainConfig` or a dict net name -> TrainConfig;
+    ``data`` defaults to ``make_datasets(protocol)``.
+    """
     from tqdm.auto import tqdm
 
     configs = list(configs)
-    data = make_datasets(protocol)
+    data = data if data is not None else make_datasets(protocol)
     rows = []
     bar = tqdm(total=len(configs) * repeats, desc="cnn padding", unit="run", disable=not progress)
     for net, conv_type in configs:
+        net_config = config[net] if isinstance(config, dict) else config
         runs = []
         for repeat in range(repeats):
             bar.set_postfix_str(f"{net} {conv_type} repeat {repeat}")
@@ -262,7 +341,8 @@ def run_study(configs: Iterable[tuple[str, str]], repeats: int, config: TrainCon
             def show(epoch, loss, acc):
                 bar.set_postfix_str(f"{net} {conv_type} r{repeat} ep{epoch} val {acc:.1f}%")
 
-            runs.append(train_one(net, conv_type, data, repeat, config, device, impl, show))
+            runs.append(train_one(net, conv_type, data, first_seed + repeat, net_config, device,
+                                  impl, show))
             bar.update()
         rows.append(StudyRow(net, conv_type, runs))
     bar.close()
@@ -283,22 +363,27 @@ def format_row(row: StudyRow) -> str:
         f"mean: {val_mean:.4f} std: {val_std:.4f} for validation",
         f"Results for test dataset {test}",
         f"mean: {test_mean:.4f} std: {test_std:.4f} for test",
+        f"epochs run {[r.epochs for r in row.runs]}, best epochs "
+        f"{[r.best_epoch for r in row.runs]}, wall time {row.seconds:.1f} s",
     ])
 
 
 def markdown_table(rows: list[StudyRow], with_seed: bool = True) -> str:
-    """The seed's table, per net, with the seed's numbers beside ours."""
-    header = "| net | convolution type | val mean | val std | test mean | test std |"
+    """One line per (net, conv type): val and test mean ± std (%), epochs run,
+    wall time of the cell; with the seed's numbers beside ours."""
+    header = "| net | convolution type | val | test | epochs run | wall time |"
     rule = "| --- | --- | --- | --- | --- | --- |"
     if with_seed:
-        header += " seed val mean | seed test mean (std) |"
+        header += " seed val | seed test |"
         rule += " --- | --- |"
     lines = [header, rule]
     for row in rows:
         vm, vs, tm, ts = row.stats()
-        line = f"| {row.net} | {row.conv_type} | {vm:.2f} | {vs:.2f} | {tm:.2f} | {ts:.2f} |"
+        epochs = "/".join(str(r.epochs) for r in row.runs)
+        line = (f"| {row.net} | {row.conv_type} | {vm:.2f} ± {vs:.2f} | {tm:.2f} ± {ts:.2f} "
+                f"| {epochs} | {row.seconds:.0f} s |")
         if with_seed:
-            svm, _, stm, sts = SEED_RESULTS[row.net][row.conv_type]
-            line += f" {svm:.2f} | {stm:.2f} ({sts:.2f}) |"
+            svm, svs, stm, sts = SEED_RESULTS[row.net][row.conv_type]
+            line += f" {svm:.2f} ± {svs:.2f} | {stm:.2f} ± {sts:.2f} |"
         lines.append(line)
     return "\n".join(lines)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pyattn.datasets import NUMPY_RECONSTRUCT
+from pyattn.datasets import NUMPY_RECONSTRUCT, download
 from pyattn.nn import PaddedConv2d
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -96,14 +96,12 @@ def _load_cifar_batch(path: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def download_cifar10(root: str) -> None:
-    """Download CIFAR-10's python batches into `root`, checking the archive's MD5."""
-    import urllib.request
-
+    """Download CIFAR-10's python batches into `root`, checking the archive's MD5
+    (a failed or corrupt download leaves no archive behind: :func:`pyattn.datasets.download`)."""
     os.makedirs(root, exist_ok=True)
     archive = os.path.join(root, "cifar-10-python.tar.gz")
     if not os.path.exists(archive):
-        urllib.request.urlretrieve(CIFAR_URL, archive + ".part")
-        os.replace(archive + ".part", archive)
+        download(CIFAR_URL, archive, md5=CIFAR_MD5)
     with open(archive, "rb") as f:
         digest = hashlib.md5(f.read()).hexdigest()
     if digest != CIFAR_MD5:
