@@ -79,11 +79,13 @@ ConvProblem check_problem(const char* op, const ConvBackend& backend, const at::
   TORCH_CHECK(input.device() == weight.device(), op,
               ": `input` and `weight` must be on the same device, got ", input.device(), " and ",
               weight.device());
-  for (int d = 0; d < 4; ++d) {
-    TORCH_CHECK_VALUE(input.size(d) > 0, op, ": `input` must not be empty, got shape ",
-                      input.sizes());
-    TORCH_CHECK_VALUE(weight.size(d) > 0, op, ": `weight` must not be empty, got shape ",
-                      weight.sizes());
+  // Empty batches and channel counts are valid (as in nn.Conv2d); spatial
+  // extents and kernel sizes are not.
+  for (int d = 2; d < 4; ++d) {
+    TORCH_CHECK_VALUE(input.size(d) > 0, op, ": `input` must have non-empty height and width, "
+                      "got shape ", input.sizes());
+    TORCH_CHECK_VALUE(weight.size(d) > 0, op, ": `weight` must have a non-empty kernel, got "
+                      "shape ", weight.sizes());
   }
   check_pair(op, "stride", stride, 2, 1);
   check_pair(op, "padding", padding, 4, 0);
@@ -201,6 +203,16 @@ void for_each_row_tile(const ConvBackend& backend, const ConvGeometry& g, int64_
   }
 }
 
+// As nn.Conv2d: results shaped like the input keep its (channels-last) layout.
+at::Tensor in_input_layout(const at::Tensor& result, const at::Tensor& input) {
+  return result.contiguous(input.suggest_memory_format());
+}
+
+// No products to form: an empty batch, or no input or output channels.
+bool is_empty_problem(const ConvProblem& p) {
+  return p.batch == 0 || p.geometry.channels == 0 || p.out_channels == 0;
+}
+
 // One (sample, group) slab of a (b, G * rows, cols) tensor as a 2-D matrix.
 at::Tensor slab(const at::Tensor& t, int64_t sample, int64_t groups, int64_t group) {
   const at::Tensor s = t.select(0, sample);
@@ -229,6 +241,12 @@ at::Tensor padded_conv2d_forward(const ConvBackend& backend, const at::Tensor& i
                 ", got ", bias->device());
   }
   const ConvGeometry& g = p.geometry;
+  if (is_empty_problem(p)) {
+    at::Tensor out = at::zeros({p.batch, p.out_channels, g.h.out_size, g.w.out_size},
+                               input.options());
+    if (bias.has_value()) out.add_(bias->view({1, p.out_channels, 1, 1}));
+    return in_input_layout(out, input);
+  }
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous().view({groups, p.out_channels / groups, -1});
   at::Tensor out = at::empty({p.batch, p.out_channels, g.h.out_size, g.w.out_size},
@@ -250,7 +268,7 @@ at::Tensor padded_conv2d_forward(const ConvBackend& backend, const at::Tensor& i
     });
   });
   if (bias.has_value()) out.add_(bias->view({1, p.out_channels, 1, 1}));
-  return out;
+  return in_input_layout(out, input);
 }
 
 at::Tensor padded_conv2d_grad_input(const ConvBackend& backend, const at::Tensor& grad_output,
@@ -266,6 +284,7 @@ at::Tensor padded_conv2d_grad_input(const ConvBackend& backend, const at::Tensor
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_grad_output(op, grad_output, input, p);
   const ConvGeometry& g = p.geometry;
+  if (is_empty_problem(p)) return in_input_layout(at::zeros(input.sizes(), input.options()), input);
   const at::Tensor go =
       grad_output.contiguous().view({p.batch, p.out_channels, g.out_plane()});
   // (G, Cg*KH*KW, Cout/G): the transposed weight of each group.
@@ -283,7 +302,7 @@ at::Tensor padded_conv2d_grad_input(const ConvBackend& backend, const at::Tensor
     }
     backend.col2im(cols, grad_input.narrow(0, n0, count), g);
   });
-  return grad_input;
+  return in_input_layout(grad_input, input);
 }
 
 at::Tensor padded_conv2d_grad_weight(const ConvBackend& backend, const at::Tensor& grad_output,
@@ -299,6 +318,7 @@ at::Tensor padded_conv2d_grad_weight(const ConvBackend& backend, const at::Tenso
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_grad_output(op, grad_output, input, p);
   const ConvGeometry& g = p.geometry;
+  if (is_empty_problem(p)) return at::zeros(weight.sizes(), weight.options());
   const at::Tensor x = input.contiguous();
   const at::Tensor go =
       grad_output.contiguous().view({p.batch, p.out_channels, g.out_plane()});
