@@ -1,8 +1,12 @@
 """padded_conv2d vs nn.Conv2d(padding_mode=...) (which pads by copying the input).
 
-Net1's layers (batch 200, 32x32 inputs, padding 2; zeros = fconv), Net1's whole
-training step, and one larger layer (batch 64, 64->64, 128x128), forward and
-forward+backward, time and peak memory.
+Net1's layers (batch 200, 32x32 inputs, padding 2, strides 1, 2, 2, 2; zeros =
+fconv), Net1's whole training step, and one larger layer (batch 64, 64->64,
+128x128), forward and forward+backward, time and peak memory. Each case records
+its floating-point operations in extra_info["flops"] (2 N Cout Ho Wo Cin/groups
+KH KW per pass; forward+backward = 3 passes, 2 when the input needs no
+gradient) so GFLOP/s can be reported. Cases whose id contains ``headline`` are
+the few cheap GPU cases of ``benchmarks/gpu_check.sh``.
 
     python -m pytest benchmarks/bench_padded_conv.py --benchmark-only
 """
@@ -19,17 +23,43 @@ MODES = ["zeros", "reflect", "replicate", "circular"]
 IMPLS = {"pyattn": pyattn.nn.PaddedConv2d, "torch": nn.Conv2d}
 DTYPE = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
 # (name, batch, c_in, c_out, size, stride): Net1 at padding 2, then a large layer.
-LAYERS = [("net1.conv1", 200, 3, 32, 32, 1), ("net1.conv2", 200, 32, 32, 34, 1),
-          ("net1.conv3", 200, 32, 64, 36, 1), ("net1.conv4", 200, 64, 64, 38, 2),
+# Net1: 32x32 -> conv1 (stride 1, pad 2, k 3) 34x34 -> conv2 (stride 2) 18x18 ->
+# conv3 (stride 2) 10x10 -> conv4 (stride 2) 6x6; each layer's input size is the
+# previous output: (size + 2*2 - 3) // stride + 1.
+LAYERS = [("net1.conv1", 200, 3, 32, 32, 1), ("net1.conv2", 200, 32, 32, 34, 2),
+          ("net1.conv3", 200, 32, 64, 18, 2), ("net1.conv4", 200, 64, 64, 10, 2),
           ("large", 64, 64, 64, 128, 1)]
+
+
+def _out_size(size, stride, padding=2, kernel=3):
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+# the chain above is Net1's: every input is the previous layer's output
+assert all(_out_size(a[4], a[5]) == b[4] for a, b in zip(LAYERS[:3], LAYERS[1:4]))
+
+
+def conv_flops(batch, c_in, c_out, size, stride, groups=1, kernel=3):
+    """Multiply-adds x 2 of one pass (forward, grad input or grad weight)."""
+    out = _out_size(size, stride)
+    return 2 * batch * c_out * out * out * c_in // groups * kernel * kernel
+
+
+def _layer_cases():
+    """Every layer x pass x mode; on a GPU the large bf16 layer (fwd+bwd) is a headline case."""
+    for layer in LAYERS:
+        for passes in ("forward", "forward+backward"):
+            for mode in MODES:
+                headline = DEVICE.type == "cuda" and layer[0] == "large" and \
+                    passes == "forward+backward"
+                yield pytest.param(layer, passes, mode,
+                                   id=f"{layer[0]}-{passes}-{mode}" + ("-headline" if headline else ""))
 CONV_TYPE = {"zeros": "fconv", "reflect": "reflect", "replicate": "replicate",
              "circular": "circular"}
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("passes", ["forward", "forward+backward"])
-@pytest.mark.parametrize("layer", LAYERS, ids=[layer[0] for layer in LAYERS])
+@pytest.mark.parametrize("layer, passes, mode", list(_layer_cases()))
 def test_layer(measure, layer, passes, mode, impl):
     name, batch, c_in, c_out, size, stride = layer
     torch.manual_seed(0)
@@ -48,11 +78,20 @@ def test_layer(measure, layer, passes, mode, impl):
             conv.weight.grad = None
             conv(x).backward(grad)
     rounds = 3 if name == "large" else 5
-    measure(step, f"padded_conv {name} {passes} {mode}", impl, rounds=rounds)
+    flops = conv_flops(batch, c_in, c_out, size, stride)
+    if passes != "forward":
+        flops *= 3 if x.requires_grad else 2
+    measure(step, f"padded_conv {name} {passes} {mode}", impl, rounds=rounds, flops=flops,
+            dtype=str(DTYPE))
+
+
+NET1_STEP_FLOPS = sum(conv_flops(*layer[1:]) * (2 if layer[2] == 3 else 3)
+                      for layer in LAYERS[:4])  # conv1's input needs no gradient
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [pytest.param(m, id=m + ("-headline" if DEVICE.type == "cuda"
+                                                          else "")) for m in MODES])
 def test_net1_training_step(measure, mode, impl):
     torch.manual_seed(0)
     model = PaddingNet("Net1", CONV_TYPE[mode], IMPLS[impl]).to(DEVICE)
@@ -65,4 +104,5 @@ def test_net1_training_step(measure, mode, impl):
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
-    measure(step, f"padded_conv Net1 training step {mode}", impl, rounds=5)
+    measure(step, f"padded_conv Net1 training step {mode}", impl, rounds=5,
+            flops=NET1_STEP_FLOPS)

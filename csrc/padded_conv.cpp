@@ -6,6 +6,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
@@ -18,11 +20,10 @@
 namespace pyattn {
 namespace {
 
-// Column workspace per chunk of samples on CUDA. At least one sample is
-// processed at a time, so the workspace is max(this, one sample's columns): far
-// below the batch-sized padded copy that F.pad + conv2d allocates. The CPU
-// backend holds one sample's columns per thread.
-constexpr int64_t kWorkspaceBytes = 16 << 20;
+// Workspace of the batched path per chunk of samples (columns and the
+// group-major copy of the output / grad output). At least one sample is
+// processed at a time. The CPU path holds one ~kTileBytes tile per thread.
+constexpr int64_t kWorkspaceBytes = 64 << 20;
 constexpr int64_t kTileBytes = 1 << 20;
 
 PadMode parse_padding_mode(std::string_view mode) {
@@ -79,11 +80,13 @@ ConvProblem check_problem(const char* op, const ConvBackend& backend, const at::
   TORCH_CHECK(input.device() == weight.device(), op,
               ": `input` and `weight` must be on the same device, got ", input.device(), " and ",
               weight.device());
-  for (int d = 0; d < 4; ++d) {
-    TORCH_CHECK_VALUE(input.size(d) > 0, op, ": `input` must not be empty, got shape ",
-                      input.sizes());
-    TORCH_CHECK_VALUE(weight.size(d) > 0, op, ": `weight` must not be empty, got shape ",
-                      weight.sizes());
+  // Empty batches and channel counts are valid (as in nn.Conv2d); spatial
+  // extents and kernel sizes are not.
+  for (int d = 2; d < 4; ++d) {
+    TORCH_CHECK_VALUE(input.size(d) > 0, op, ": `input` must have non-empty height and width, "
+                      "got shape ", input.sizes());
+    TORCH_CHECK_VALUE(weight.size(d) > 0, op, ": `weight` must have a non-empty kernel, got "
+                      "shape ", weight.sizes());
   }
   check_pair(op, "stride", stride, 2, 1);
   check_pair(op, "padding", padding, 4, 0);
@@ -140,41 +143,28 @@ int64_t block_count(const ConvBackend& backend, const ConvProblem& p) {
 
 // Calls body(block, first_sample, count, cols) over sample ranges covering the
 // batch, `cols` a (count, C*KH*KW, Ho*Wo) workspace the body may overwrite.
-// CPU (gemm_per_thread): blocks run in parallel, each one sample at a time in
-// its thread's workspace, so columns stay in cache between im2col and GEMM and
-// each GEMM runs single-threaded. CUDA: chunks of samples whose columns fit
-// kWorkspaceBytes, in order on the stream, all in block 0.
+// Blocks run in parallel, each one sample at a time in its thread's workspace,
+// so columns stay in cache between im2col and GEMM and each GEMM runs
+// single-threaded (the CPU path).
 template <typename F>
 void for_each_chunk(const ConvBackend& backend, const ConvProblem& p,
                     const at::TensorOptions& options, int64_t plane, const F& body) {
   const ConvGeometry& g = p.geometry;
-  if (backend.gemm_per_thread) {
-    const int64_t blocks = block_count(backend, p);
-    const at::Tensor workspace =
-        at::empty({at::get_num_threads(), 1, g.col_rows(), plane}, options);
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      const at::Tensor cols = workspace.select(0, at::get_thread_num());
-      for (int64_t block = begin; block < end; ++block) {
-        for (int64_t n = p.batch * block / blocks; n < p.batch * (block + 1) / blocks; ++n) {
-          body(block, n, 1, cols);
-        }
+  const int64_t blocks = block_count(backend, p);
+  const at::Tensor workspace = at::empty({at::get_num_threads(), 1, g.col_rows(), plane}, options);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const at::Tensor cols = workspace.select(0, at::get_thread_num());
+    for (int64_t block = begin; block < end; ++block) {
+      for (int64_t n = p.batch * block / blocks; n < p.batch * (block + 1) / blocks; ++n) {
+        body(block, n, 1, cols);
       }
-    });
-    return;
-  }
-  const int64_t bytes = g.col_rows() * plane * options.dtype().itemsize();
-  const int64_t chunk = std::clamp<int64_t>(kWorkspaceBytes / bytes, 1, p.batch);
-  const at::Tensor workspace = at::empty({chunk, g.col_rows(), plane}, options);
-  for (int64_t n0 = 0; n0 < p.batch; n0 += chunk) {
-    const int64_t count = std::min(chunk, p.batch - n0);
-    body(0, n0, count, workspace.narrow(0, 0, count));
-  }
+    }
+  });
 }
 
-// Output rows per im2col tile. On CPU a tile's columns stay within ~1 MiB so
-// they are still in cache when the GEMM reads them; CUDA takes whole planes.
-int64_t tile_rows(const ConvBackend& backend, const ConvGeometry& g, int64_t element_size) {
-  if (!backend.gemm_per_thread) return g.h.out_size;
+// Output rows per im2col tile: a tile's columns stay within ~1 MiB so they
+// are still in cache when the GEMM reads them.
+int64_t tile_rows(const ConvGeometry& g, int64_t element_size) {
   const int64_t row_bytes = g.col_rows() * g.w.out_size * element_size;
   return std::clamp<int64_t>(kTileBytes / row_bytes, 1, g.h.out_size);
 }
@@ -190,9 +180,9 @@ ConvGeometry row_tile(const ConvGeometry& g, int64_t first, int64_t rows) {
 // Calls body(first_row, tile_geometry, cols) for each row tile of `count`
 // samples, `cols` the tile's (count, C*KH*KW, rows*Wo) view of `workspace`.
 template <typename F>
-void for_each_row_tile(const ConvBackend& backend, const ConvGeometry& g, int64_t count,
-                       const at::Tensor& workspace, const F& body) {
-  const int64_t step = tile_rows(backend, g, workspace.element_size());
+void for_each_row_tile(const ConvGeometry& g, int64_t count, const at::Tensor& workspace,
+                       const F& body) {
+  const int64_t step = tile_rows(g, workspace.element_size());
   for (int64_t first = 0; first < g.h.out_size; first += step) {
     const ConvGeometry tile = row_tile(g, first, std::min(step, g.h.out_size - first));
     body(first, tile,
@@ -201,10 +191,156 @@ void for_each_row_tile(const ConvBackend& backend, const ConvGeometry& g, int64_
   }
 }
 
+// As nn.Conv2d: results shaped like the input keep its (channels-last) layout.
+at::Tensor in_input_layout(const at::Tensor& result, const at::Tensor& input) {
+  return result.contiguous(input.suggest_memory_format());
+}
+
+// No products to form: an empty batch, or no input or output channels.
+bool is_empty_problem(const ConvProblem& p) {
+  return p.batch == 0 || p.geometry.channels == 0 || p.out_channels == 0;
+}
+
 // One (sample, group) slab of a (b, G * rows, cols) tensor as a 2-D matrix.
 at::Tensor slab(const at::Tensor& t, int64_t sample, int64_t groups, int64_t group) {
   const at::Tensor s = t.select(0, sample);
   return s.view({groups, s.size(0) / groups, -1}).select(0, group);
+}
+
+// ---- The batched path (CUDA; the CPU twin in tests) -------------------------
+// Per chunk of samples a fixed list of launches (plan_batched): im2col into the
+// group-major layout of conv_geometry.h, ONE batched GEMM over the groups whose
+// columns span every sample of the chunk, and one strided copy between the
+// (n, G, M, P) output layout and the GEMM's (G, M, n, P). Nothing loops over
+// samples or groups; the chunk size depends on the shapes only, so sums are
+// added in the same order for any launch configuration.
+
+at::ScalarType accumulate_type(at::ScalarType t) { return at::toOpMathType(t); }
+
+LaunchPlan make_plan(std::string_view which, const ConvProblem& p, at::ScalarType dtype,
+                     bool has_bias) {
+  const ConvGeometry& g = p.geometry;
+  const int64_t element = c10::elementSize(dtype);
+  // grad input's columns are summed by col2im: kept in the accumulate type.
+  const int64_t column_element = which == "grad_input" ? c10::elementSize(accumulate_type(dtype))
+                                                       : element;
+  const int64_t sample_bytes =
+      g.cols_per_sample() * column_element + p.out_channels * g.out_plane() * element;
+  LaunchPlan plan;
+  if (is_empty_problem(p)) return plan;
+  plan.chunk = std::clamp<int64_t>(kWorkspaceBytes / std::max<int64_t>(sample_bytes, 1), 1,
+                                   p.batch);
+  plan.chunks = (p.batch + plan.chunk - 1) / plan.chunk;
+  std::vector<std::string> per_chunk;
+  if (which == "forward") {
+    per_chunk = {"im2col", "gemm: bmm over groups", "copy (G,M,n,P) -> output"};
+  } else if (which == "grad_input") {
+    per_chunk = {"copy grad_output -> (G,M,n,P)", "gemm: bmm over groups", "col2im"};
+  } else {
+    TORCH_CHECK_VALUE(which == "grad_weight", "padded_conv2d_launch_plan: `which` must be "
+                      "'forward', 'grad_input' or 'grad_weight', got '", which, "'");
+    per_chunk = {"im2col", "copy grad_output -> (G,M,n,P)", "gemm: baddbmm over groups"};
+    plan.launches.push_back("zero the accumulator");
+  }
+  for (int64_t c = 0; c < plan.chunks; ++c) {
+    plan.launches.insert(plan.launches.end(), per_chunk.begin(), per_chunk.end());
+  }
+  if (which == "forward" && has_bias) plan.launches.push_back("add bias");
+  if (which == "grad_weight" && accumulate_type(dtype) != dtype) {
+    plan.launches.push_back("round the accumulator once");
+  }
+  return plan;
+}
+
+// Per chunk: (first sample, count). The plan's chunk size, nothing else.
+template <typename F>
+void for_each_planned_chunk(const LaunchPlan& plan, int64_t batch, const F& body) {
+  for (int64_t n0 = 0; n0 < batch; n0 += plan.chunk) body(n0, std::min(plan.chunk, batch - n0));
+}
+
+// (count, G*M, P) rows of `t` (contiguous) as the (G, M, count, P) view the GEMMs use.
+at::Tensor group_major(const at::Tensor& t, int64_t groups) {
+  const int64_t count = t.size(0);
+  return t.view({count, groups, -1, t.size(-1)}).permute({1, 2, 0, 3});
+}
+
+void batched_forward(const ConvBackend& backend, const ConvProblem& p, const at::Tensor& x,
+                     const at::Tensor& w, bool has_bias, const at::Tensor& out) {
+  const ConvGeometry& g = p.geometry;
+  const LaunchPlan plan = make_plan("forward", p, x.scalar_type(), has_bias);
+  const int64_t plane = g.out_plane(), groups = p.groups;
+  const at::Tensor cols = at::empty({g.col_rows() * plan.chunk * plane}, x.options());
+  const at::Tensor products = at::empty({p.out_channels * plan.chunk * plane}, x.options());
+  const at::Tensor out_rows = out.view({p.batch, p.out_channels, plane});
+  for_each_planned_chunk(plan, p.batch, [&](int64_t n0, int64_t count) {
+    const at::Tensor chunk_cols = cols.narrow(0, 0, g.col_rows() * count * plane);
+    backend.im2col_batched(x.narrow(0, n0, count), chunk_cols.view({g.col_rows(), count, plane}),
+                           g);
+    at::Tensor prod = products.narrow(0, 0, p.out_channels * count * plane)
+                          .view({groups, p.out_channels / groups, count * plane});
+    at::bmm_out(prod, w, chunk_cols.view({groups, -1, count * plane}));
+    group_major(out_rows.narrow(0, n0, count), groups)
+        .copy_(prod.view({groups, p.out_channels / groups, count, plane}));
+  });
+}
+
+void batched_grad_input(const ConvBackend& backend, const ConvProblem& p, const at::Tensor& go,
+                        const at::Tensor& wt, const at::Tensor& grad_input) {
+  const ConvGeometry& g = p.geometry;
+  const at::ScalarType dtype = grad_input.scalar_type(), acc = accumulate_type(dtype);
+  const LaunchPlan plan = make_plan("grad_input", p, dtype, false);
+  const int64_t plane = g.out_plane(), groups = p.groups;
+  const at::Tensor cols = at::empty({g.col_rows() * plan.chunk * plane},
+                                    grad_input.options().dtype(acc));
+  const at::Tensor go_buffer = at::empty({p.out_channels * plan.chunk * plane}, go.options());
+  for_each_planned_chunk(plan, p.batch, [&](int64_t n0, int64_t count) {
+    const at::Tensor go_groups = go_buffer.narrow(0, 0, p.out_channels * count * plane)
+                                     .view({groups, p.out_channels / groups, count, plane});
+    go_groups.copy_(group_major(go.narrow(0, n0, count), groups));
+    at::Tensor chunk_cols = cols.narrow(0, 0, g.col_rows() * count * plane)
+                                .view({groups, g.col_rows() / groups, count * plane});
+    const at::Tensor go_matrix = go_groups.view({groups, -1, count * plane});
+    // Half inputs: the products are summed by col2im, so keep them in float32
+    // and round once, when col2im writes grad_input.
+    if (acc == dtype) {
+      at::bmm_out(chunk_cols, wt, go_matrix);
+    } else {
+      at::bmm_out(chunk_cols, wt, go_matrix, acc);
+    }
+    backend.col2im_batched(chunk_cols.view({g.col_rows(), count, plane}),
+                           grad_input.narrow(0, n0, count), g);
+  });
+}
+
+at::Tensor batched_grad_weight(const ConvBackend& backend, const ConvProblem& p,
+                               const at::Tensor& go, const at::Tensor& x,
+                               const at::Tensor& weight) {
+  const ConvGeometry& g = p.geometry;
+  const at::ScalarType dtype = x.scalar_type(), acc_type = accumulate_type(dtype);
+  const LaunchPlan plan = make_plan("grad_weight", p, dtype, false);
+  const int64_t plane = g.out_plane(), groups = p.groups;
+  // Every chunk's products are added into one float32 (for half) accumulator:
+  // the weight gradient is rounded once, at the end.
+  at::Tensor acc = at::zeros({groups, p.out_channels / groups, g.col_rows() / groups},
+                             x.options().dtype(acc_type));
+  const at::Tensor cols = at::empty({g.col_rows() * plan.chunk * plane}, x.options());
+  const at::Tensor go_buffer = at::empty({p.out_channels * plan.chunk * plane}, go.options());
+  for_each_planned_chunk(plan, p.batch, [&](int64_t n0, int64_t count) {
+    const at::Tensor chunk_cols = cols.narrow(0, 0, g.col_rows() * count * plane);
+    backend.im2col_batched(x.narrow(0, n0, count), chunk_cols.view({g.col_rows(), count, plane}),
+                           g);
+    const at::Tensor go_groups = go_buffer.narrow(0, 0, p.out_channels * count * plane)
+                                     .view({groups, p.out_channels / groups, count, plane});
+    go_groups.copy_(group_major(go.narrow(0, n0, count), groups));
+    const at::Tensor go_matrix = go_groups.view({groups, -1, count * plane});
+    const at::Tensor cols_t = chunk_cols.view({groups, -1, count * plane}).transpose(1, 2);
+    if (acc_type == dtype) {
+      acc.baddbmm_(go_matrix, cols_t);
+    } else {
+      at::baddbmm_out(acc, acc, go_matrix, cols_t, acc_type);
+    }
+  });
+  return acc.view(weight.sizes()).to(dtype);
 }
 
 }  // namespace
@@ -229,15 +365,26 @@ at::Tensor padded_conv2d_forward(const ConvBackend& backend, const at::Tensor& i
                 ", got ", bias->device());
   }
   const ConvGeometry& g = p.geometry;
+  if (is_empty_problem(p)) {
+    at::Tensor out = at::zeros({p.batch, p.out_channels, g.h.out_size, g.w.out_size},
+                               input.options());
+    if (bias.has_value()) out.add_(bias->view({1, p.out_channels, 1, 1}));
+    return in_input_layout(out, input);
+  }
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous().view({groups, p.out_channels / groups, -1});
   at::Tensor out = at::empty({p.batch, p.out_channels, g.h.out_size, g.w.out_size},
                              input.options());
+  if (!backend.gemm_per_thread) {
+    batched_forward(backend, p, x, w, bias.has_value(), out);
+    if (bias.has_value()) out.add_(bias->view({1, p.out_channels, 1, 1}));
+    return in_input_layout(out, input);
+  }
   const at::Tensor out_rows = out.view({p.batch, p.out_channels, g.out_plane()});
-  const int64_t plane = tile_rows(backend, g, x.element_size()) * g.w.out_size;
+  const int64_t plane = tile_rows(g, x.element_size()) * g.w.out_size;
   for_each_chunk(backend, p, x.options(), plane, [&](int64_t, int64_t n0, int64_t count,
                                                        const at::Tensor& workspace) {
-    for_each_row_tile(backend, g, count, workspace, [&](int64_t first, const ConvGeometry& tile,
+    for_each_row_tile(g, count, workspace, [&](int64_t first, const ConvGeometry& tile,
                                                         const at::Tensor& cols) {
       backend.im2col(x.narrow(0, n0, count), cols, tile);
       for (int64_t i = 0; i < count; ++i) {
@@ -250,7 +397,7 @@ at::Tensor padded_conv2d_forward(const ConvBackend& backend, const at::Tensor& i
     });
   });
   if (bias.has_value()) out.add_(bias->view({1, p.out_channels, 1, 1}));
-  return out;
+  return in_input_layout(out, input);
 }
 
 at::Tensor padded_conv2d_grad_input(const ConvBackend& backend, const at::Tensor& grad_output,
@@ -266,6 +413,7 @@ at::Tensor padded_conv2d_grad_input(const ConvBackend& backend, const at::Tensor
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_grad_output(op, grad_output, input, p);
   const ConvGeometry& g = p.geometry;
+  if (is_empty_problem(p)) return in_input_layout(at::zeros(input.sizes(), input.options()), input);
   const at::Tensor go =
       grad_output.contiguous().view({p.batch, p.out_channels, g.out_plane()});
   // (G, Cg*KH*KW, Cout/G): the transposed weight of each group.
@@ -273,6 +421,10 @@ at::Tensor padded_conv2d_grad_input(const ConvBackend& backend, const at::Tensor
                             .view({groups, p.out_channels / groups, -1})
                             .transpose(1, 2);
   at::Tensor grad_input = at::empty(input.sizes(), input.options());
+  if (!backend.gemm_per_thread) {
+    batched_grad_input(backend, p, go, wt, grad_input);
+    return in_input_layout(grad_input, input);
+  }
   for_each_chunk(backend, p, input.options(), g.out_plane(),
                  [&](int64_t, int64_t n0, int64_t count, const at::Tensor& cols) {
     for (int64_t i = 0; i < count; ++i) {
@@ -283,7 +435,7 @@ at::Tensor padded_conv2d_grad_input(const ConvBackend& backend, const at::Tensor
     }
     backend.col2im(cols, grad_input.narrow(0, n0, count), g);
   });
-  return grad_input;
+  return in_input_layout(grad_input, input);
 }
 
 at::Tensor padded_conv2d_grad_weight(const ConvBackend& backend, const at::Tensor& grad_output,
@@ -299,19 +451,21 @@ at::Tensor padded_conv2d_grad_weight(const ConvBackend& backend, const at::Tenso
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_grad_output(op, grad_output, input, p);
   const ConvGeometry& g = p.geometry;
+  if (is_empty_problem(p)) return at::zeros(weight.sizes(), weight.options());
   const at::Tensor x = input.contiguous();
   const at::Tensor go =
       grad_output.contiguous().view({p.batch, p.out_channels, g.out_plane()});
+  if (!backend.gemm_per_thread) return batched_grad_weight(backend, p, go, x, weight);
   // Each block of samples sums its products into its own partial (float32 for
   // half / bfloat16); the partials are then added in block order.
   const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());
   const at::Tensor partials =
       at::zeros({block_count(backend, p), groups, p.out_channels / groups, g.col_rows() / groups},
                 input.options().dtype(acc_type));
-  const int64_t plane = tile_rows(backend, g, x.element_size()) * g.w.out_size;
+  const int64_t plane = tile_rows(g, x.element_size()) * g.w.out_size;
   for_each_chunk(backend, p, x.options(), plane, [&](int64_t block, int64_t n0, int64_t count,
                                                      const at::Tensor& workspace) {
-    for_each_row_tile(backend, g, count, workspace, [&](int64_t first, const ConvGeometry& tile,
+    for_each_row_tile(g, count, workspace, [&](int64_t first, const ConvGeometry& tile,
                                                         const at::Tensor& cols) {
       backend.im2col(x.narrow(0, n0, count), cols, tile);
       for (int64_t i = 0; i < count; ++i) {
@@ -331,6 +485,37 @@ at::Tensor padded_conv2d_grad_weight(const ConvBackend& backend, const at::Tenso
   });
   const at::Tensor acc = partials.sum(0);
   return acc.view(weight.sizes()).to(input.scalar_type());
+}
+
+LaunchPlan plan_batched(std::string_view which, const at::Tensor& input, const at::Tensor& weight,
+                        bool has_bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, int64_t groups, std::string_view padding_mode) {
+  constexpr const char* op = "padded_conv2d_launch_plan";
+  const ConvBackend any_dtype{"any device", [](at::ScalarType) { return true; }, nullptr, nullptr,
+                              nullptr, nullptr, false};
+  const ConvProblem p = check_problem(op, any_dtype, input, weight, stride, padding, dilation,
+                                      groups, padding_mode);
+  return make_plan(which, p, input.scalar_type(), has_bias);
+}
+
+// [chunk, chunks, launches, GEMM launches] of the batched path (what the CUDA
+// backend runs); shapes and dtype are read from the tensors (meta tensors do).
+std::vector<int64_t> launch_plan_counts(c10::string_view which, const at::Tensor& input,
+                                        const at::Tensor& weight, bool has_bias,
+                                        at::IntArrayRef stride, at::IntArrayRef padding,
+                                        at::IntArrayRef dilation, int64_t groups,
+                                        c10::string_view padding_mode) {
+  const LaunchPlan plan = plan_batched(which, input, weight, has_bias, stride, padding, dilation,
+                                       groups, padding_mode);
+  const auto gemms = std::count_if(plan.launches.begin(), plan.launches.end(),
+                                   [](const std::string& l) { return l.rfind("gemm", 0) == 0; });
+  return {plan.chunk, plan.chunks, static_cast<int64_t>(plan.launches.size()), gemms};
+}
+
+TORCH_LIBRARY_FRAGMENT(pyattn, m) {
+  m.def("padded_conv2d_launch_plan(str which, Tensor input, Tensor weight, bool has_bias, "
+        "int[2] stride, int[4] padding, int[2] dilation, int groups, str padding_mode) -> int[]",
+        &launch_plan_counts);
 }
 
 }  // namespace pyattn

@@ -153,23 +153,39 @@ def test_opcheck(mode):
     torch.library.opcheck(torch.ops.pyattn.padded_conv2d_grad_weight, grad_args)
 
 
-def test_deterministic_backward_across_thread_counts():
-    x = torch.randn(9, 8, 15, 15)
-    w = torch.randn(8, 8, 3, 3)
-    grad = torch.randn(9, 8, 15, 15)
+def _assert_bitwise_same_across_thread_counts(grad_input, grad_weight):
+    """The gradient ops give bitwise equal results at 1, 2 and 3 threads (fixed
+    counts: relative to the current count this could not fail on one thread)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 8, 15, 15, generator=gen)
+    w = torch.randn(8, 8, 3, 3, generator=gen)
+    grad = torch.randn(9, 8, 15, 15, generator=gen)
     args = ([1, 1], [1, 1, 1, 1], [1, 1], 1, "circular")
     threads = torch.get_num_threads()
     results = []
     try:
-        for n in (1, threads, 1):
+        for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append([torch.ops.pyattn.padded_conv2d_grad_weight(grad, x, w, *args),
-                             torch.ops.pyattn.padded_conv2d_grad_input(grad, x, w, *args)])
+            results.append([grad_weight(grad, x, w, *args), grad_input(grad, x, w, *args)])
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
         for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+            assert torch.equal(a, b), "result depends on the thread count"
+
+
+def test_deterministic_backward_across_thread_counts():
+    _assert_bitwise_same_across_thread_counts(torch.ops.pyattn.padded_conv2d_grad_input,
+                                              torch.ops.pyattn.padded_conv2d_grad_weight)
+
+
+def test_determinism_check_fails_on_a_thread_dependent_grad_weight():
+    def thread_dependent(*args):  # a deliberately broken kernel
+        out = torch.ops.pyattn.padded_conv2d_grad_weight(*args)
+        return out + 1e-6 * torch.get_num_threads()
+    with pytest.raises(AssertionError, match="depends on the thread count"):
+        _assert_bitwise_same_across_thread_counts(torch.ops.pyattn.padded_conv2d_grad_input,
+                                                  thread_dependent)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -209,10 +225,13 @@ def test_compile_fullgraph_net1():
     net = _net1("reflect", 2)
     x = torch.randn(4, 3, 16, 16)
     compiled = torch.compile(net, fullgraph=True)
+    grad = torch.randn(4, 2)
+    eager_out = net(x)
+    eager_grads = torch.autograd.grad(eager_out, list(net.parameters()), grad)
     out = compiled(x)
-    torch.testing.assert_close(out, net(x), rtol=1e-5, atol=1e-5)
-    out.sum().backward()
-    assert all(p.grad is not None for p in net.parameters())
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(out, list(net.parameters()), grad), eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("call, error, match", [
@@ -240,8 +259,8 @@ def test_compile_fullgraph_net1():
     (lambda: pyattn.padded_conv2d(torch.randn(1, 3, 8, 4), torch.randn(4, 3, 3, 3), padding=5,
                                   padding_mode="circular"),
      ValueError, "circular `padding` must be at most"),
-    (lambda: pyattn.padded_conv2d(torch.randn(0, 3, 8, 8), torch.randn(4, 3, 3, 3)),
-     ValueError, "`input` must not be empty"),
+    (lambda: pyattn.padded_conv2d(torch.randn(1, 3, 0, 8), torch.randn(4, 3, 3, 3)),
+     ValueError, "`input` must have non-empty height and width"),
     (lambda: pyattn.padded_conv2d(torch.randn(1, 3, 2, 2), torch.randn(4, 3, 3, 3)),
      ValueError, "smaller than the dilated kernel"),
     (lambda: pyattn.padded_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3),
@@ -268,34 +287,68 @@ def test_bad_inputs_raise_clear_errors(call, error, match):
         call()
 
 
+def _assert_within_twice_torch_error(conv, device, dtype, mode):
+    """Forward and the input / weight / bias gradients (random upstream
+    gradient) of `conv` in `dtype`: error against a float64 reference within 2x
+    (+ a floor) of PyTorch's own conv in the same dtype."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, 21, 19, generator=gen, dtype=torch.float64).to(device)
+    w = (torch.randn(12, 4, 3, 3, generator=gen, dtype=torch.float64) / 6).to(device)
+    b = torch.randn(12, generator=gen, dtype=torch.float64).to(device)
+    args = ((2, 1), 2, (1, 2), 2, mode)
+    grad = None
+    results = []
+    for fn, dt in ((conv, dtype), (reference.padded_conv2d, dtype),
+                   (reference.padded_conv2d, torch.float64)):
+        leaves = [t.to(dt).requires_grad_() for t in (x, w, b)]
+        out = fn(*leaves, *args)
+        if grad is None:
+            grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device)
+        results.append([out.double(), *(g.double() for g in
+                                         torch.autograd.grad(out, leaves, grad.to(dt)))])
+    for name, ours, theirs, exact in zip(["output", "grad input", "grad weight", "grad bias"],
+                                         *results):
+        scale = exact.abs().max().item()
+        err_ours = (ours - exact).abs().max().item() / scale
+        err_torch = (theirs - exact).abs().max().item() / scale
+        assert err_ours <= 2 * err_torch + 1e-6, f"{name}: error {err_ours} vs torch {err_torch}"
+
+
+class _PermutedGradOutput(torch.autograd.Function):
+    """pyattn's conv whose backward reads grad_output mirrored along W: a
+    deliberately broken kernel that an all-ones upstream gradient cannot see."""
+    @staticmethod
+    def forward(ctx, x, w, b, *args):
+        ctx.save_for_backward(x, w)
+        ctx.conv_args = args
+        return pyattn.padded_conv2d(x, w, b, *args)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        with torch.enable_grad():
+            xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
+            out = pyattn.padded_conv2d(xs, ws, None, *ctx.conv_args)
+            gx, gw = torch.autograd.grad(out, (xs, ws), grad.flip(-1))
+        return (gx, gw, grad.flip(-1).sum((0, 2, 3))) + (None,) * len(ctx.conv_args)
+
+
+@pytest.mark.parametrize("broken", ["output_x_1.01", "permuted_grad_output"])
+def test_accuracy_check_fails_on_a_wrong_kernel(broken):
+    # The check of the CUDA tests, run on CPU in float32: it passes pyattn and
+    # must fail on each deliberately wrong copy.
+    _assert_within_twice_torch_error(pyattn.padded_conv2d, "cpu", torch.float32, "reflect")
+    wrong = {"output_x_1.01": lambda *a: pyattn.padded_conv2d(*a) * 1.01,
+             "permuted_grad_output": _PermutedGradOutput.apply}[broken]
+    with pytest.raises(AssertionError, match="error"):
+        _assert_within_twice_torch_error(wrong, "cpu", torch.float32, "reflect")
+
+
 @requires_cuda
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_cuda_matches_reference(mode, dtype):
-    # Error against a float64 reference must stay within 2x (+ a floor) of
-    # PyTorch's own conv in the same dtype.
-    x = torch.randn(4, 8, 21, 19, device="cuda", dtype=torch.float64)
-    w = torch.randn(12, 4, 3, 3, device="cuda", dtype=torch.float64) / 6
-    b = torch.randn(12, device="cuda", dtype=torch.float64)
-    args = ((2, 1), 2, (1, 2), 2, mode)
-    exact = reference.padded_conv2d(x, w, b, *args)
-    torch_low = reference.padded_conv2d(x.to(dtype), w.to(dtype), b.to(dtype), *args)
-    ours = pyattn.padded_conv2d(x.to(dtype), w.to(dtype), b.to(dtype), *args)
-    err_torch = (torch_low.double() - exact).abs().max().item()
-    err_ours = (ours.double() - exact).abs().max().item()
-    assert err_ours <= 2 * err_torch + 1e-5, (err_ours, err_torch)
-    grads = []
-    for fn, dt in ((pyattn.padded_conv2d, dtype), (reference.padded_conv2d, dtype),
-                   (reference.padded_conv2d, torch.float64)):
-        xs, ws = x.to(dt).requires_grad_(), w.to(dt).requires_grad_()
-        out = fn(xs, ws, None, *args)
-        gx, gw = torch.autograd.grad(out, (xs, ws), torch.ones_like(out))
-        grads.append((gx.double(), gw.double()))
-    for (ours_g, torch_g, exact_g) in zip(*grads):
-        scale = exact_g.abs().max().item()
-        err_ours = (ours_g - exact_g).abs().max().item() / scale
-        err_torch = (torch_g - exact_g).abs().max().item() / scale
-        assert err_ours <= 2 * err_torch + 1e-5, (err_ours, err_torch)
+    _assert_within_twice_torch_error(pyattn.padded_conv2d, "cuda", dtype, mode)
 
 
 @requires_cuda

@@ -168,11 +168,84 @@ void col2im_cpu(const at::Tensor& cols, const at::Tensor& grad_input, const Conv
   });
 }
 
+// The CPU twin of the CUDA kernels: the same per-element functions
+// (BatchedColumns), the same 32-/64-bit choice, in host loops.
+template <typename Index, typename F>
+void for_each_element(Index total, const F& f) {
+  at::parallel_for(0, int64_t(total), 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) f(Index(e));
+  });
+}
+
+template <typename F>
+void with_index_type(const ConvGeometry& g, int64_t count, const F& f) {
+  if (BatchedColumns<uint32_t>::fits_32bit(g, count)) {
+    f(BatchedColumns<uint32_t>(g, count));
+  } else {
+    f(BatchedColumns<int64_t>(g, count));
+  }
+}
+
+void im2col_batched_cpu(const at::Tensor& input, const at::Tensor& cols, const ConvGeometry& g) {
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "padded_conv2d_im2col_batched_cpu", [&] {
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    scalar_t* out = cols.mutable_data_ptr<scalar_t>();
+    with_index_type(g, input.size(0), [&](const auto& layout) {
+      for_each_element(layout.column_count(), [&](auto e) { out[e] = layout.im2col(in, e); });
+    });
+  });
+}
+
+void col2im_batched_cpu(const at::Tensor& cols, const at::Tensor& grad_input,
+                        const ConvGeometry& g) {
+  AT_DISPATCH_FLOATING_TYPES(grad_input.scalar_type(), "padded_conv2d_col2im_batched_cpu", [&] {
+    const scalar_t* in = cols.const_data_ptr<scalar_t>();
+    scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
+    with_index_type(g, grad_input.size(0), [&](const auto& layout) {
+      for_each_element(layout.input_count(),
+                       [&](auto e) { out[e] = layout.template col2im<scalar_t>(in, e); });
+    });
+  });
+}
+
 constexpr ConvBackend kCpu{"CPU (float32, float64)", cpu_supports, im2col_cpu, col2im_cpu,
-                           /*gemm_per_thread=*/true};
+                           im2col_batched_cpu, col2im_batched_cpu, /*gemm_per_thread=*/true};
+constexpr ConvBackend kCpuTwin{"CPU twin of the CUDA path (float32, float64)", cpu_supports,
+                               nullptr, nullptr, im2col_batched_cpu, col2im_batched_cpu,
+                               /*gemm_per_thread=*/false};
+
+// One entry point for the tests: which = forward | grad_input | grad_weight.
+at::Tensor batched_cpu_twin(c10::string_view which, const c10::optional<at::Tensor>& grad_output,
+                            const at::Tensor& input, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                            c10::string_view padding_mode) {
+  if (which == "forward") {
+    return padded_conv2d_forward(kCpuTwin, input, weight, bias, stride, padding, dilation, groups,
+                                 padding_mode);
+  }
+  TORCH_CHECK_VALUE(grad_output.has_value(), "padded_conv2d_batched_cpu_twin: `grad_output` "
+                    "is required for ", which);
+  if (which == "grad_input") {
+    return padded_conv2d_grad_input(kCpuTwin, *grad_output, input, weight, stride, padding,
+                                    dilation, groups, padding_mode);
+  }
+  TORCH_CHECK_VALUE(which == "grad_weight", "padded_conv2d_batched_cpu_twin: `which` must be "
+                    "'forward', 'grad_input' or 'grad_weight', got '", which, "'");
+  return padded_conv2d_grad_weight(kCpuTwin, *grad_output, input, weight, stride, padding,
+                                   dilation, groups, padding_mode);
+}
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyattn, CPU, m) { register_padded_conv2d<kCpu>(m); }
+
+// Test-only: the batched (CUDA) driver and kernels' per-element code on CPU.
+TORCH_LIBRARY_FRAGMENT(pyattn, m) {
+  m.def("padded_conv2d_batched_cpu_twin(str which, Tensor? grad_output, Tensor input, "
+        "Tensor weight, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, "
+        "int groups, str padding_mode) -> Tensor",
+        &batched_cpu_twin);
+}
 
 }  // namespace pyattn

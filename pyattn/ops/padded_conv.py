@@ -12,6 +12,9 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 import torch
+from torch._functorch.autograd_function import enable_single_level_autograd_function
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch._prims_common import suggest_memory_format
 
 IntOrPair = Union[int, Sequence[int]]
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -30,7 +33,8 @@ def _pair(name: str, value: IntOrPair) -> list[int]:
 
 def _padding(padding: Union[str, IntOrPair], weight: torch.Tensor, stride: list[int],
              dilation: list[int]) -> list[int]:
-    """(top, bottom, left, right) from an int, an (h, w) pair, 'valid' or 'same'."""
+    """(top, bottom, left, right) from an int, an (h, w) pair, a (top, bottom,
+    left, right) 4-tuple, 'valid' or 'same'."""
     if isinstance(padding, str):
         if padding == "valid":
             return [0, 0, 0, 0]
@@ -46,6 +50,10 @@ def _padding(padding: Union[str, IntOrPair], weight: torch.Tensor, stride: list[
             total = d * (k - 1)
             pads += [total // 2, total - total // 2]  # as PyTorch: the extra one after
         return pads
+    if not isinstance(padding, int) and len(padding) == 4:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in padding):
+            raise TypeError(f"padded_conv2d: `padding` values must be ints, got {padding!r}")
+        return list(padding)
     h, w = _pair("padding", padding)
     return [h, h, w, w]
 
@@ -70,7 +78,8 @@ def padded_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         weight: ``(C_out, C_in / groups, KH, KW)``.
         bias: ``(C_out,)`` or ``None``.
         stride, dilation: int or ``(h, w)``. Default 1.
-        padding: int, ``(h, w)``, ``'valid'`` or ``'same'`` (stride 1). Default 0.
+        padding: int, ``(h, w)``, ``(top, bottom, left, right)``, ``'valid'`` or
+            ``'same'`` (stride 1). Default 0.
         groups: blocked connections from input to output channels. Default 1.
         padding_mode: ``'zeros' | 'reflect' | 'replicate' | 'circular'``.
             Reflect needs padding < input size, circular padding <= input size.
@@ -101,8 +110,27 @@ def _out_size(size, before, after, kernel, stride, dilation):
     return (size + before + after - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def _check_devices(op, **tensors):
+    """Every tensor argument on one device. The fake kernel also serves the Meta
+    dispatch key, which wins for a CPU input with a 'meta' weight: without this
+    check it would return an uninitialised CPU tensor."""
+    named = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        torch._check(t.device == first.device,
+                     lambda: f"{op}: `{name}` must be on the device of `{first_name}` "
+                             f"({first.device}), got {t.device} (same device required)")
+
+
+def _like_input(input, shape):
+    """A new tensor of ``shape`` in ``input``'s memory format (as nn.Conv2d: a
+    channels-last input gives a channels-last output)."""
+    return input.new_empty(shape).contiguous(memory_format=suggest_memory_format(input))
+
+
 @torch.library.register_fake("pyattn::padded_conv2d")
 def _padded_conv2d_fake(input, weight, bias, stride, padding, dilation, groups, padding_mode):
+    _check_devices("padded_conv2d", input=input, weight=weight, bias=bias)
     torch._check(input.dim() == 4, lambda: "padded_conv2d: expected `input` to be 4-D")
     torch._check(weight.dim() == 4, lambda: "padded_conv2d: expected `weight` to be 4-D")
     torch._check(weight.shape[1] * groups == input.shape[1],
@@ -110,38 +138,150 @@ def _padded_conv2d_fake(input, weight, bias, stride, padding, dilation, groups, 
     n, _, h, w = input.shape
     out_h = _out_size(h, padding[0], padding[1], weight.shape[2], stride[0], dilation[0])
     out_w = _out_size(w, padding[2], padding[3], weight.shape[3], stride[1], dilation[1])
-    return input.new_empty((n, weight.shape[0], out_h, out_w))
+    return _like_input(input, (n, weight.shape[0], out_h, out_w))
 
 
 @torch.library.register_fake("pyattn::padded_conv2d_grad_input")
 def _grad_input_fake(grad_output, input, weight, stride, padding, dilation, groups, padding_mode):
-    return input.new_empty(input.shape)
+    _check_devices("padded_conv2d_grad_input", input=input, weight=weight,
+                   grad_output=grad_output)
+    return _like_input(input, input.shape)
 
 
 @torch.library.register_fake("pyattn::padded_conv2d_grad_weight")
 def _grad_weight_fake(grad_output, input, weight, stride, padding, dilation, groups, padding_mode):
+    _check_devices("padded_conv2d_grad_weight", input=input, weight=weight,
+                   grad_output=grad_output)
     return weight.new_empty(weight.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    input, weight, bias, stride, padding, dilation, groups, padding_mode = inputs
-    ctx.save_for_backward(input, weight)
-    ctx.has_bias = bias is not None
-    ctx.conv_args = (stride, padding, dilation, groups, padding_mode)
+# Autograd. The convolution y = conv(x, w) + b is bilinear in (x, w), and so are
+# its two gradient ops: gx = conv_T(gy, w) (grad_input) and gw = corr(gy, x)
+# (grad_weight). Every derivative of one of the three ops is therefore again one
+# of the three ops, which makes any order of reverse and forward mode exact:
+#   y  = conv(x, w):  vjp(u)  = (gx(u, w), gw(u, x), sum u)     jvp = conv(dx, w) + conv(x, dw) + db
+#   gx = gx(gy, w):   vjp(v)  = (conv(v, w), -, gw(gy, v))        jvp = gx(dgy, w) + gx(gy, dw)
+#   gw = gw(gy, x):   vjp(v)  = (conv(x, v), gx(gy, v), -)        jvp = gw(dgy, x) + gw(gy, dx)
+# grad_input does not depend on the values of `input`, nor grad_weight on those
+# of `weight` (only their shapes): those derivatives are exactly zero.
+_ops = torch.ops.pyattn
 
 
-def _backward(ctx, grad_output):
-    input, weight = ctx.saved_tensors
-    grad_input = grad_weight = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_input = torch.ops.pyattn.padded_conv2d_grad_input(grad_output, input, weight,
-                                                               *ctx.conv_args)
-    if ctx.needs_input_grad[1]:
-        grad_weight = torch.ops.pyattn.padded_conv2d_grad_weight(grad_output, input, weight,
-                                                                 *ctx.conv_args)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_bias = grad_output.sum((0, 2, 3))
-    return grad_input, grad_weight, grad_bias, None, None, None, None, None
+def _conv(x, w, args):
+    return _ops.padded_conv2d(x, w, None, *args)
 
 
-torch.library.register_autograd("pyattn::padded_conv2d", _backward, setup_context=_setup_context)
+def _grad_input(gy, x, w, args):
+    return _ops.padded_conv2d_grad_input(gy, x, w, *args)
+
+
+def _grad_weight(gy, x, w, args):
+    return _ops.padded_conv2d_grad_weight(gy, x, w, *args)
+
+
+def _sum_defined(*terms):
+    terms = [t for t in terms if t is not None]
+    return sum(terms[1:], terms[0])
+
+
+def _conv_vjp(ctx, u):
+    x, w = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    return (_grad_input(u, x, w, ctx.args) if need[0] else None,
+            _grad_weight(u, x, w, ctx.args) if need[1] else None,
+            u.sum((0, 2, 3)) if ctx.has_bias and need[2] else None)
+
+
+def _conv_jvp(ctx, dx, dw, db):
+    x, w = ctx.saved_tensors
+    return _sum_defined(None if dx is None else _conv(dx, w, ctx.args),
+                        None if dw is None else _conv(x, dw, ctx.args),
+                        None if db is None else db.view(1, -1, 1, 1))
+
+
+def _grad_input_vjp(ctx, v):
+    gy, x, w = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    return (_conv(v, w, ctx.args) if need[0] else None, None,
+            _grad_weight(gy, v, w, ctx.args) if need[2] else None)
+
+
+def _grad_input_jvp(ctx, dgy, dx, dw):
+    gy, x, w = ctx.saved_tensors
+    return _sum_defined(None if dgy is None else _grad_input(dgy, x, w, ctx.args),
+                        None if dw is None else _grad_input(gy, x, dw, ctx.args),
+                        None if dgy is not None or dw is not None else torch.zeros_like(x))
+
+
+def _grad_weight_vjp(ctx, v):
+    gy, x, w = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    return (_conv(x, v, ctx.args) if need[0] else None,
+            _grad_input(gy, x, v, ctx.args) if need[1] else None, None)
+
+
+def _grad_weight_jvp(ctx, dgy, dx, dw):
+    gy, x, w = ctx.saved_tensors
+    return _sum_defined(None if dgy is None else _grad_weight(dgy, x, w, ctx.args),
+                        None if dx is None else _grad_weight(gy, dx, w, ctx.args),
+                        None if dgy is not None or dx is not None else torch.zeros_like(w))
+
+
+_library = torch.library.Library("pyattn", "IMPL")  # keeps the Autograd kernels registered
+
+
+def _apply(function, *args):
+    if len(retrieve_all_functorch_interpreters()) > 1:
+        # One torch.func level works (its tensors are unwrapped once before this
+        # kernel runs); with nested levels the outer tangents would be dropped.
+        raise NotImplementedError(
+            f"pyattn::{function.op_name}: nested torch.func transforms (e.g. jvp of grad, "
+            "jacrev of grad) are not supported; use torch.autograd double backward or "
+            "torch.autograd.forward_ad over torch.autograd.grad(create_graph=True)")
+    with enable_single_level_autograd_function():
+        return super(torch.autograd.Function, function).apply(*args)
+
+
+def _register_autograd(name, n_tensors, vjp, jvp):
+    """Autograd kernel of pyattn::`name` (its first `n_tensors` arguments are the
+    tensors) through an autograd.Function with a vjp and a jvp, so reverse mode,
+    forward mode (torch.func.jvp, forward_ad) and their compositions all work."""
+    op = getattr(_ops, name).default
+
+    def forward(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    def setup_context(ctx, inputs, output):
+        tensors = [t for t in inputs[:n_tensors] if t is not None]
+        if name == "padded_conv2d":
+            ctx.has_bias = inputs[2] is not None
+            tensors = list(inputs[:2])
+        ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
+        ctx.args = tuple(inputs[n_tensors:])
+
+    def backward(ctx, grad):
+        return (*vjp(ctx, grad), *([None] * len(ctx.args)))
+
+    def forward_tangent(ctx, *tangents):
+        return jvp(ctx, *tangents[:n_tensors])
+
+    function = type(f"PaddedConvFunction_{name}", (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+                     "backward": staticmethod(backward), "jvp": staticmethod(forward_tangent),
+                     "op_name": name})
+
+    def autograd_kernel(*args):
+        # The C++ apply, not autograd.Function.apply: under torch.func transforms
+        # the latter would re-enter the dispatcher as a higher-order op, but this
+        # kernel already runs below the transforms (on their unwrapped tensors),
+        # where autograd's own reverse and forward mode are what is needed.
+        return _apply(function, *args)
+
+    _library.impl(name, autograd_kernel, "Autograd")
+
+
+_register_autograd("padded_conv2d", 3, _conv_vjp, _conv_jvp)
+_register_autograd("padded_conv2d_grad_input", 3, _grad_input_vjp, _grad_input_jvp)
+_register_autograd("padded_conv2d_grad_weight", 3, _grad_weight_vjp, _grad_weight_jvp)

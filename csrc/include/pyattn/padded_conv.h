@@ -8,7 +8,9 @@
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
+#include <string>
 #include <string_view>
+#include <vector>
 
 #include "pyattn/conv_geometry.h"
 
@@ -22,10 +24,31 @@ struct ConvBackend {
   void (*im2col)(const at::Tensor& input, const at::Tensor& cols, const ConvGeometry& g);
   // cols: (b, C*KH*KW, Ho*Wo) contiguous -> grad_input: (b, C, H, W) contiguous, overwritten.
   void (*col2im)(const at::Tensor& cols, const at::Tensor& grad_input, const ConvGeometry& g);
-  // Run the per-sample GEMMs of a chunk in parallel, each single-threaded (CPU),
-  // rather than one after another on the device's stream (CUDA).
+  // Batched layout (conv_geometry.h, BatchedColumns), used when !gemm_per_thread:
+  // input (b, C, H, W) contiguous -> cols (C*KH*KW, b, Ho*Wo) contiguous.
+  void (*im2col_batched)(const at::Tensor& input, const at::Tensor& cols, const ConvGeometry& g);
+  // cols (C*KH*KW, b, Ho*Wo), float32 for half inputs -> grad_input (b, C, H, W), overwritten.
+  void (*col2im_batched)(const at::Tensor& cols, const at::Tensor& grad_input,
+                         const ConvGeometry& g);
+  // CPU: run the per-sample GEMMs of a chunk in parallel, each single-threaded.
+  // Otherwise (CUDA; the CPU twin in tests): a fixed number of launches per chunk
+  // of samples, one batched GEMM over the groups (plan_batched).
   bool gemm_per_thread;
 };
+
+// The launches one call of the batched path makes (kernels, GEMMs, copies, in
+// order) and the chunk of samples each per-chunk group of launches covers.
+// The batched driver takes its chunk size from here, so the plan is the code's.
+struct LaunchPlan {
+  int64_t chunk = 0;
+  int64_t chunks = 0;
+  std::vector<std::string> launches;
+};
+
+// which: "forward", "grad_input" or "grad_weight".
+LaunchPlan plan_batched(std::string_view which, const at::Tensor& input, const at::Tensor& weight,
+                        bool has_bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, int64_t groups, std::string_view padding_mode);
 
 at::Tensor padded_conv2d_forward(const ConvBackend& backend, const at::Tensor& input,
                                  const at::Tensor& weight, const c10::optional<at::Tensor>& bias,

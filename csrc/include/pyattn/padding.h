@@ -15,7 +15,9 @@ enum class PadMode : int { Zeros = 0, Reflect = 1, Replicate = 2, Circular = 3 }
 
 // Index in [0, size) that virtual element i reads, or -1 for a zero.
 // Preconditions (checked by the op): reflect needs pad < size, circular pad <= size.
-PYATTN_HOST_DEVICE int64_t source_index(int64_t i, int64_t size, PadMode mode) {
+// I: int64_t, or int32_t in the CUDA kernels' 32-bit path.
+template <typename I>
+PYATTN_HOST_DEVICE I source_index(I i, I size, PadMode mode) {
   if (i >= 0 && i < size) return i;
   switch (mode) {
     case PadMode::Replicate:
