@@ -97,7 +97,7 @@ pytest_step() {  # pytest_step NAME CAP EMPTY_OK PYTEST_ARGS...
   local name=$1 cap=$2 empty_ok=$3
   shift 3
   local mode=()
-  (( DRY_RUN )) && mode=(--collect-only -q)  # -qq: one line per file
+  (( DRY_RUN )) && mode=(--collect-only)  # lists the selected node ids and their count
   run_step "$name" "$cap" "$empty_ok" "$PY" benchmarks/capped_pytest.py -q -p no:cacheprovider \
     -rfE --tb=short "${mode[@]}" "$@"
 }
