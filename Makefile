@@ -2,17 +2,18 @@
 # Each creates or reuses the virtual environment $(VENV).
 PYTHON ?= python3
 VENV ?= .venv
+REQUIREMENTS ?= requirements.txt
 PY := $(VENV)/bin/python
 CUDA_HOME ?= /usr/local/cuda
 CUDA_VENV ?= .venv-cuda-build
 SOURCES := setup.py $(shell find csrc -type f)
 
-.PHONY: setup build test demo bench cmake-check cuda-check triton-check clean
+.PHONY: setup build test fuzz demo bench gpu-check-dry-run rehearsal triton-check cuda-usage cmake-check cuda-check clean
 
 setup: $(VENV)/.installed
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: $(REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r $(REQUIREMENTS)
 	touch $@
 
 # Editable install; ninja rebuilds only what changed.
@@ -24,8 +25,13 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 	$(PY) -c "import pyattn"
 	touch $@
 
+# Property-based tests run with the CI-sized hypothesis profile; the statistics
+# say how many cases each one tried. `make fuzz` runs them with the long profile.
 test: build
-	$(PY) -m pytest tests -q
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest tests -q -m "not slow" --hypothesis-show-statistics
+
+fuzz: build
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests -m fuzz -q --hypothesis-show-statistics
 
 # The main job: every seed study at the quick setting -> reports/REPORT.md, on the
 # data shipped in data/ (GPT on Grimms' Fairy Tales, GCN on Cora).
@@ -34,6 +40,23 @@ demo: build
 
 bench: build
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,rounds
+
+# benchmarks/gpu_check.sh without a GPU: every step that needs none (budget
+# check, build, collecting the CUDA tests and headline benchmarks, the summary).
+gpu-check-dry-run: build
+	OUT=$$(mktemp -d) PYTHON=$(PY) bash benchmarks/gpu_check.sh --dry-run
+
+# The lent GPU machine's software (Python 3.12, torch 2.11.0, triton 3.6.0) on
+# this CPU machine, in its own venv: build, then the CPU test suite (Triton
+# kernels in the interpreter). Not in CI: PyPI has only the CUDA build of torch
+# 2.11.0, ~3 GB with its nvidia-* wheels (16 min to set up here, 5 GB on disk).
+REHEARSAL_VENV ?= .venv-rehearsal
+REHEARSAL_PYTHON ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),\
+  $(shell $(p) -c "" >/dev/null 2>&1 && echo $(p))))
+rehearsal:
+	@test -n "$(REHEARSAL_PYTHON)" || { echo "rehearsal: no working python3.12 (set REHEARSAL_PYTHON)"; exit 1; }
+	PYATTN_WITH_CUDA=0 $(MAKE) test VENV=$(REHEARSAL_VENV) PYTHON=$(REHEARSAL_PYTHON) REQUIREMENTS=requirements-rehearsal.txt
+	$(REHEARSAL_VENV)/bin/python -c "import sys, torch, triton; print('rehearsal: Python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
 
 # The same extension through CMakeLists.txt, loaded and checked against F.conv2d.
 cmake-check: setup

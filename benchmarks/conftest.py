@@ -3,15 +3,26 @@
 Every benchmark times pyattn and its PyTorch counterpart in the same run and
 records peak memory in ``extra_info``; ``benchmarks/summarize.py`` turns the
 JSON report into the tables of RESULTS.md.
+
+The machine's roofline (float32 matrix-product rate through torch's BLAS or
+cuBLAS, and memory copy bandwidth) is measured once per session, when the first
+benchmark runs, printed at the end of the run and stored in the JSON report's
+``machine_info["roofline"]``, so every row that records ``flops`` or ``bytes``
+can be set against the machine's own limit.
 """
 import time
 
 import pytest
 import torch
 
-from pyattn.profiling import peak_memory
+from pyattn.profiling import peak_memory, track_large_allocations
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ROOFLINE = pytest.StashKey[dict]()
+
+# Before any large allocation, so that CPU peak-memory readings see every
+# allocation of >= 128 KiB (see pyattn.profiling.track_large_allocations).
+track_large_allocations()
 
 
 def synchronized(fn):
@@ -25,8 +36,72 @@ def synchronized(fn):
     return run
 
 
+def _best_seconds(fn, repeats: int) -> float:
+    """Shortest of `repeats` timed calls after one warm-up (a ceiling wants the best)."""
+    fn = synchronized(fn)
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_roofline(device: torch.device = DEVICE) -> dict:
+    """This machine's limits: GFLOP/s of a large float32 ``torch.mm`` (all of
+    torch's threads on CPU), GB/s of a large tensor copy (bytes read + written),
+    and on CUDA also the bfloat16 matrix-product rate (the ceiling of half-
+    precision rows). Sizes: n = 2048 and a 256 MiB copy on CPU (about 1 s on 2
+    cores); n = 8192 and a 1 GiB copy on a GPU."""
+    cuda = device.type == "cuda"
+    n = 8192 if cuda else 2048
+    copy_elements = 2 ** 28 if cuda else 2 ** 26
+    result = {"device": str(device), "threads": torch.get_num_threads(), "gemm_n": n}
+    dtypes = {"sgemm_gflops": torch.float32}
+    if cuda:
+        result["device_name"] = torch.cuda.get_device_name(device)
+        dtypes["bf16_gemm_gflops"] = torch.bfloat16
+    for key, dtype in dtypes.items():
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        result[key] = 2 * n ** 3 / _best_seconds(lambda: torch.mm(a, b), 5) / 1e9
+        del a, b
+    src = torch.randn(copy_elements, device=device)
+    dst = torch.empty_like(src)
+    seconds = _best_seconds(lambda: dst.copy_(src), 5)
+    result["copy_gbps"] = 2 * src.numel() * src.element_size() / seconds / 1e9
+    return result
+
+
+def describe_roofline(roofline: dict) -> str:
+    text = (f"roofline ({roofline['device']}, {roofline['threads']} threads): "
+            f"sgemm {roofline['sgemm_gflops']:.1f} GFLOP/s")
+    if "bf16_gemm_gflops" in roofline:
+        text += f", bf16 gemm {roofline['bf16_gemm_gflops']:.0f} GFLOP/s"
+    return text + f", copy {roofline['copy_gbps']:.1f} GB/s"
+
+
+@pytest.fixture(scope="session")
+def roofline(request):
+    """The roofline, measured once per session when the first benchmark asks for it."""
+    result = measure_roofline()
+    request.config.stash[ROOFLINE] = result
+    return result
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    if ROOFLINE in config.stash:
+        machine_info["roofline"] = config.stash[ROOFLINE]
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if ROOFLINE in config.stash:
+        terminalreporter.write_line(describe_roofline(config.stash[ROOFLINE]))
+
+
 @pytest.fixture
-def measure(benchmark):
+def measure(benchmark, roofline):
     """measure(fn, group, impl, rounds=5): time fn and record its peak memory."""
     def run(fn, group, impl, rounds=5, **info):
         fn = synchronized(fn)

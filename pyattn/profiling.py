@@ -11,19 +11,37 @@ import torch
 
 
 @functools.lru_cache(maxsize=1)
-def track_large_allocations() -> None:
-    """Serve every allocation >= 128 KiB by mmap and give it back when freed.
+def _libc():
+    """glibc through ctypes, or None where there is none (then no allocator tuning)."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return libc if libc is not None and hasattr(libc, "mallopt") else None
 
-    glibc raises its mmap threshold after large frees, after which big tensors
-    reuse resident heap pages and a peak resident-set reading misses them.
-    Setting the threshold explicitly turns that adjustment off. ``peak_memory``
-    calls this; a long-running program that measures CPU memory late (after
-    heavy work) should call it at its start.
+
+@functools.lru_cache(maxsize=1)
+def track_large_allocations() -> None:
+    """Serve every allocation >= 128 KiB by mmap and give freed memory back.
+
+    glibc raises its mmap and trim thresholds after large frees, after which big
+    tensors reuse resident heap pages and a peak resident-set reading misses
+    them. Setting both thresholds explicitly turns that adjustment off.
+    ``peak_memory`` calls this; a long-running program that measures CPU memory
+    late (after heavy work) should call it at its start.
     """
-    libc_name = ctypes.util.find_library("c")
-    if libc_name:
-        m_mmap_threshold = -3
-        ctypes.CDLL(libc_name).mallopt(m_mmap_threshold, 128 * 1024)
+    libc = _libc()
+    if libc is not None:
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 128 * 1024)
+        libc.mallopt(m_trim_threshold, 128 * 1024)
+
+
+def _release_free_heap() -> None:
+    """Hand free heap pages back to the kernel (glibc ``malloc_trim``), so that a
+    chunk freed earlier and re-used during a measurement faults in again and
+    counts, instead of being resident already (a peak of 0 for a fresh output)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _proc_status(key: str) -> int:
@@ -34,35 +52,58 @@ def _proc_status(key: str) -> int:
     raise RuntimeError(f"{key} not found in /proc/self/status")
 
 
-def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
+def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu",
+                readings: int = 2) -> int:
     """Peak bytes allocated while ``fn()`` runs, above what was allocated before.
 
-    CUDA: the caching allocator's peak (``torch.cuda.max_memory_allocated``).
+    CUDA: the caching allocator's peak (``torch.cuda.max_memory_allocated``),
+    exact, from one call.
     CPU: the process's resident-set high-water mark (Linux ``VmHWM``, reset
-    through ``/proc/self/clear_refs``); page-granular and includes everything
-    the process touches, so compare figures measured the same way.
-    The result of ``fn`` is dropped before returning.
+    through ``/proc/self/clear_refs``), the maximum over ``readings`` calls of
+    ``fn``, each after free heap pages are handed back to the kernel (a call
+    that re-uses a chunk freed earlier would otherwise find it resident and
+    read 0); the kernel's resident-set counters are folded per CPU in batches,
+    so one reading can still fall short by a few hundred KiB. Page-granular and
+    includes
+    everything the process touches, so compare figures measured the same way;
+    figures under 1 MiB are within the noise of the kernel's resident-set
+    bookkeeping (``benchmarks/summarize.py`` prints them as "< 1").
+    The results of ``fn`` are dropped before returning.
     """
     device = torch.device(device)
-    gc.collect()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        result = fn()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    elif device.type == "cpu":
+        return _cuda_peak(fn, device)
+    if device.type == "cpu":
+        if readings < 1:
+            raise ValueError(f"peak_memory: `readings` must be >= 1, got {readings}")
         track_large_allocations()
-        try:
-            with open("/proc/self/clear_refs", "w") as clear_refs:
-                clear_refs.write("5")  # reset VmHWM to the current RSS
-        except OSError as error:
-            raise RuntimeError("CPU peak memory needs Linux /proc/self/clear_refs") from error
-        base = _proc_status("VmRSS:")
-        result = fn()
-        peak = _proc_status("VmHWM:") - base
-    else:
-        raise ValueError(f"peak_memory: unsupported device {device}")
+        return max(_cpu_peak(fn) for _ in range(readings))
+    raise ValueError(f"peak_memory: unsupported device {device}")
+
+
+def _cuda_peak(fn: Callable[[], object], device: torch.device) -> int:
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
     del result
     return max(peak, 0)
+
+
+def _cpu_peak(fn: Callable[[], object]) -> int:
+    gc.collect()
+    _release_free_heap()
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # reset VmHWM to the current RSS
+    except OSError as error:
+        raise RuntimeError("CPU peak memory needs Linux /proc/self/clear_refs") from error
+    base = _proc_status("VmRSS:")
+    result = fn()
+    peak = _proc_status("VmHWM:") - base
+    del result
+    return max(peak, 0)
+

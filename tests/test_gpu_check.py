@@ -1,0 +1,114 @@
+"""The pieces of benchmarks/gpu_check.sh that need no GPU: the summary writer
+(benchmarks/summarize.py) and the capped pytest run whose JSON must survive the
+cap (benchmarks/capped_pytest.py). The whole script's dry run is a CI step."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import summarize  # noqa: E402
+
+
+def _bench(group, impl, median_s, **info):
+    return {"group": group, "stats": {"median": median_s},
+            "extra_info": dict(info, impl=impl)}
+
+
+def test_benchmark_table_sets_rates_against_the_roofline():
+    report = {"datetime": "2026-11-27T09:00:00",
+              "machine_info": {"cpu": {"brand_raw": "Test CPU", "count": 2},
+                               "roofline": {"device": "cpu", "threads": 2, "sgemm_gflops": 100.0,
+                                            "copy_gbps": 10.0}},
+              "benchmarks": [
+                  _bench("conv", "torch", 0.04, device="cpu", flops=1e9, peak_memory_mb=3.5),
+                  _bench("conv", "pyattn", 0.02, device="cpu", flops=1e9, peak_memory_mb=0.5),
+                  _bench("spmm", "pyattn", 0.02, device="cpu", bytes=1e8, peak_memory_mb=0.0),
+                  _bench("attn", "pyattn", 0.001, device="cuda:0", flops=1e11, dtype="bfloat16",
+                         peak_memory_mb=0.5)]}
+    lines = summarize.benchmark_table(report)
+    assert "sgemm 100.0 GFLOP/s" in lines[0] and "copy 10.0 GB/s" in lines[0]
+    rows = lines[4:]
+    # pyattn first in its group; 1e9 flops in 20 ms = 50 GFLOP/s = 50% of sgemm
+    assert rows[0] == "| conv | pyattn | 20.00 |  | 50.0 GFLOP/s (50% of sgemm) | < 1 |"
+    assert rows[1] == "| conv | torch | 40.00 | 2.00x | 25.0 GFLOP/s (25% of sgemm) | 3.5 |"
+    assert rows[2] == "| spmm | pyattn | 20.00 |  | 5.0 GB/s (50% of copy) | < 1 |"
+    # a GPU bf16 row: no bf16 ceiling in this roofline, so no fraction; exact peak kept
+    assert rows[3] == "| attn | pyattn | 1.00 |  | 100,000.0 GFLOP/s | 0.5 |"
+
+
+def test_step_table_reads_pytest_counts(tmp_path):
+    logs = {"tests-spmm": "....F.s\n=== FAILURES ===\n1 failed, 5 passed, 1 skipped in 4.20s\n",
+            "tests-other": "5/40 tests collected (35 deselected) in 1.00s\n",
+            "bench-spmm": "..\n!!! KeyboardInterrupt !!!\n2 passed in 29.00s\n"}
+    rows = ["step\tcap_s\telapsed_s\texit\tlog",
+            f"build\t140\t61\t0\t{tmp_path}/missing.log"]
+    for (name, text), code in zip(logs.items(), (1, 0, 124)):
+        (tmp_path / f"{name}.log").write_text(text)
+        rows.append(f"{name}\t30\t12\t{code}\t{tmp_path}/{name}.log")
+    (tmp_path / "steps.tsv").write_text("\n".join(rows) + "\n")
+    text = summarize.summarize([str(tmp_path / "absent.json")], str(tmp_path / "steps.tsv"))
+    assert "| build | ok |  |  |  |  |  | 61 (140) |" in text
+    assert "| tests-spmm | FAILED (exit 1) |  | 5 | 1 |  | 1 | 12 (30) |" in text
+    assert "| tests-other | ok | 5 |  |  |  |  | 12 (30) |" in text
+    assert "| bench-spmm | TIMED OUT (stopped at its cap) |  | 2 |" in text
+    assert "## absent.json" in text and "No report" in text
+
+
+BENCH_FILE = """
+import os, time
+def test_a_finishes(benchmark):
+    benchmark.group = "finished case"
+    benchmark.extra_info.update(impl="pyattn", device="cpu", peak_memory_mb=2.0)
+    benchmark.pedantic(lambda: None, rounds=2)
+def test_b_hangs(benchmark):
+    open(os.environ["STARTED"], "w").close()
+    time.sleep(60)
+"""
+
+
+def _interrupted_run(tmp_path, command, wait_s):
+    """Run a two-case benchmark file with SIGINT ignored at start (as a background
+    job of a non-interactive shell), send SIGINT once the second case hangs;
+    return the exit code (None if SIGINT did not stop it) and the JSON path."""
+    (tmp_path / "bench_hang.py").write_text(BENCH_FILE)
+    started, report = tmp_path / "started", tmp_path / "report.json"
+    proc = subprocess.Popen(
+        command + ["bench_hang.py", "-q", "-p", "no:cacheprovider", f"--benchmark-json={report}"],
+        cwd=tmp_path, env=dict(os.environ, STARTED=str(started)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.monotonic() + 120
+    while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    try:
+        code = proc.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        code = None
+    return code, report
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_capped_pytest_writes_benchmark_json_when_interrupted(tmp_path):
+    code, report = _interrupted_run(
+        tmp_path, [sys.executable, os.path.join(REPO, "benchmarks", "capped_pytest.py")], 60)
+    assert code == 2  # pytest's "interrupted"
+    data = json.loads(report.read_text())
+    assert [b["name"] for b in data["benchmarks"]] == ["test_a_finishes"]
+    assert "| finished case | pyattn |" in summarize.summarize([str(report)])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_plain_pytest_started_with_sigint_ignored_loses_the_json(tmp_path):
+    # Why gpu_check.sh goes through capped_pytest.py: without it the cap's SIGINT
+    # is ignored, KILL follows, and no figure survives.
+    code, report = _interrupted_run(tmp_path, [sys.executable, "-m", "pytest"], 3)
+    assert code is None and not report.exists()
