@@ -87,5 +87,11 @@ TRITON_CHECK_JOBS ?= $(shell nproc)
 triton-check:
 	$(TRITON_CHECK_PYTHON) tools/triton_hopper_check.py --jobs $(TRITON_CHECK_JOBS)
 
+# Registers, shared memory and spills per CUDA kernel, from the cubins that
+# `make cuda-check` built (cuobjdump --dump-resource-usage).
+cuda-usage:
+	sh tools/cuda_resource_usage.sh build-cuda padded_conv
+	sh tools/cuda_resource_usage.sh build-cuda spmm
+
 clean:
 	rm -rf build build-cmake build-cuda pyattn/_C*.so *.egg-info $(VENV)/.built
