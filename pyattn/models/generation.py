@@ -9,7 +9,7 @@ import torch
 from pyattn.models.cli import (OneLineParser, device, nonnegative_int, nucleus_mass,
                                positive_float, positive_int, run_cli)
 from pyattn.models.gpt import ATTENTION
-from pyattn.models.trainer import load_checkpoint, model_from_checkpoint
+from pyattn.models.checkpoint import load_checkpoint, model_from_checkpoint
 
 SEPARATOR = "-" * 80
 

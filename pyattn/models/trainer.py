@@ -14,7 +14,6 @@ import argparse
 import csv
 import dataclasses
 import datetime
-import io
 import math
 import os
 import re
@@ -24,14 +23,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from pyattn.models.checkpoint import (WRITE_PAUSE_ENV, CheckpointError,  # noqa: F401 (API)
+                                      load_checkpoint, model_from_checkpoint, save_atomic)
 from pyattn.models.cli import (DistributedRunError, OneLineParser, UsageError, device,
                                dropout_probability, nonnegative_float, nonnegative_int,
                                one_line, positive_float, positive_int, run_cli, unit_fraction)
 from pyattn.models.gpt import ATTENTION, GPT, PRESETS, GPTConfig
 from pyattn.models.text import DEFAULT_TEXT, CharTokenizer, load_text, random_blocks, split
-
-CHECKPOINT_KEYS = {"config", "chars", "model", "optimizer", "step", "rng", "args"}
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description="Train a character-level GPT (seed Q2).")
@@ -69,80 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
-
-
-# Fault-injection hook for the kill tests: pause this many seconds half-way
-# through writing a checkpoint, so a SIGKILL can land inside the write.
-WRITE_PAUSE_ENV = "PYATTN_CHECKPOINT_WRITE_PAUSE"
-
-
-class _PausingWriter(io.FileIO):
-    """A file that sleeps once, after its first write, for the fault-injection tests."""
-
-    def __init__(self, path: str, pause: float):
-        super().__init__(path, "wb")
-        self.pause = pause
-
-    def write(self, data) -> int:
-        written = super().write(data)
-        if self.pause:
-            self.flush()
-            time.sleep(self.pause)
-            self.pause = 0.0
-        return written
-
-
-def save_atomic(obj, path: str) -> None:
-    """torch.save to ``path + '.tmp'``, fsync, then rename over ``path``: a reader (or
-    a run killed at any moment) sees the old checkpoint or the new one, never a torn file."""
-    tmp = f"{path}.tmp"
-    with _PausingWriter(tmp, float(os.environ.get(WRITE_PAUSE_ENV, 0))) as f:
-        torch.save(obj, f)
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
-
-
-class CheckpointError(UsageError):
-    """A file that is not a readable checkpoint of this trainer."""
-
-
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """A checkpoint written by this trainer (``torch.load(weights_only=True)``: no code
-    runs from the file); FileNotFoundError or :class:`CheckpointError` otherwise."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path!r}")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises many types for torn or foreign files
-        reason = (str(error).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"{path!r} is not a readable pyattn GPT checkpoint (truncated "
-                              f"or corrupt?): {type(error).__name__}: {reason}") from None
-    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
-        raise CheckpointError(f"{path!r} is not a pyattn GPT checkpoint (expected keys "
-                              f"{sorted(CHECKPOINT_KEYS)})")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict, device="cpu", attn: Optional[str] = None):
-    """(model, tokenizer) from a checkpoint; ``attn`` overrides the kernel choice."""
-    config = dict(ckpt["config"])
-    if attn is not None:
-        config["attn"] = attn
-    try:
-        model = GPT(GPTConfig(**config))
-        model.load_state_dict(ckpt["model"])
-        tokenizer = CharTokenizer(ckpt["chars"])
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"the checkpoint's model does not load: "
-                              f"{type(error).__name__}: {one_line(error)[:300]}") from None
-    return model.to(device), tokenizer
 
 
 def lr_at(step: int, args) -> float:
