@@ -142,13 +142,15 @@ def test_kv_cache_logits_equal_no_cache_past_block_size(attn, rope, monkeypatch)
     """Values, not shapes: every step's logits with the cache equal the re-encoded
     window's, before and well past block_size (16) tokens."""
     model = _scrambled(tiny(attn, rope)).eval()
-    prompt = torch.randint(0, 11, (2, 5))
-    runs = [_step_logits(model, prompt, 40, use_cache, monkeypatch,
-                         generator=torch.Generator().manual_seed(0)) for use_cache in (True, False)]
-    (cached, cached_logits), (plain, plain_logits) = runs
-    assert torch.equal(cached, plain)
-    torch.testing.assert_close(cached_logits, plain_logits, rtol=1e-12, atol=1e-12)
-    assert len(set(cached[0, 16:].tolist())) > 1  # not a constant: the windows differ
+    for prompt_length in (5, 20):  # a prompt shorter and one longer than the window
+        prompt = torch.randint(0, 11, (2, prompt_length))
+        runs = [_step_logits(model, prompt, 40 - prompt_length, use_cache, monkeypatch,
+                             generator=torch.Generator().manual_seed(0))
+                for use_cache in (True, False)]
+        (cached, cached_logits), (plain, plain_logits) = runs
+        assert torch.equal(cached, plain)
+        torch.testing.assert_close(cached_logits, plain_logits, rtol=1e-12, atol=1e-12)
+        assert len(set(cached[0, 16:].tolist())) > 1  # not a constant: the windows differ
 
 
 def test_sliding_rope_cache_differs_from_the_window_in_deep_layers(monkeypatch):
