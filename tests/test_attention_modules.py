@@ -34,7 +34,8 @@ def attention_reference(module: CausalSelfAttention, x: torch.Tensor, rope: bool
     qkv = x @ module.qkv.weight.T + module.qkv.bias
 
     def heads_of(start, count):  # (batch, seq, count * d) -> (batch, count, seq, d)
-        return qkv[..., start * d:(start + count) * d].reshape(batch, seq, count, d).permute(0, 2, 1, 3)
+        columns = qkv[..., start * d:(start + count) * d]
+        return columns.reshape(batch, seq, count, d).permute(0, 2, 1, 3)
 
     q, k, v = heads_of(0, heads), heads_of(heads, kv_heads), heads_of(heads + kv_heads, kv_heads)
     if rope:

@@ -146,8 +146,9 @@ def test_script_prints_one_line_and_no_traceback(run):
     """The real entry point, as a user runs it (train.py's is the same ``run_cli``
     wiring, exercised in-process above; each interpreter start costs seconds)."""
     _, _, ckpt = run
-    done = subprocess.run([sys.executable, GENERATE, "--checkpoint", str(ckpt), "--prompt", "Zebra"],
-                          env=ONE_THREAD, capture_output=True, text=True, timeout=120)
+    argv = [GENERATE, "--checkpoint", str(ckpt), "--prompt", "Zebra"]
+    done = subprocess.run([sys.executable, *argv], env=ONE_THREAD, capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "Traceback" not in done.stderr and "generate.py: error: prompt 'Zebra'" in done.stderr
 

@@ -52,7 +52,7 @@ dropout_probability = _checked(float, lambda v: 0 <= v < 1, "a probability in [0
 nucleus_mass = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
-def device(text: str) -> torch.device:
+def torch_device(text: str) -> torch.device:
     """A torch device the machine has (``cuda`` only with a usable GPU)."""
     try:
         dev = torch.device(text)

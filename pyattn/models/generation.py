@@ -6,8 +6,8 @@ import time
 
 import torch
 
-from pyattn.models.cli import (OneLineParser, device, nonnegative_int, nucleus_mass,
-                               positive_float, positive_int, run_cli)
+from pyattn.models.cli import (OneLineParser, nonnegative_int, nucleus_mass, positive_float,
+                               positive_int, run_cli, torch_device)
 from pyattn.models.gpt import ATTENTION
 from pyattn.models.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--greedy", action="store_true", help="always the most likely token")
     p.add_argument("--no-cache", action="store_true", help="re-encode the context every token")
     p.add_argument("--attn", choices=ATTENTION, help="override the checkpoint's kernel")
-    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=torch_device,
+                   default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=1337)
     return p
 

@@ -25,16 +25,18 @@ import torch.distributed as dist
 
 from pyattn.models.checkpoint import (WRITE_PAUSE_ENV, CheckpointError,  # noqa: F401 (API)
                                       load_checkpoint, model_from_checkpoint, save_atomic)
-from pyattn.models.cli import (DistributedRunError, OneLineParser, UsageError, device,
+from pyattn.models.cli import (DistributedRunError, OneLineParser, UsageError,
                                dropout_probability, nonnegative_float, nonnegative_int,
-                               one_line, positive_float, positive_int, run_cli, unit_fraction)
+                               one_line, positive_float, positive_int, run_cli, torch_device,
+                               unit_fraction)
 from pyattn.models.gpt import ATTENTION, GPT, PRESETS, GPTConfig
 from pyattn.models.text import DEFAULT_TEXT, CharTokenizer, load_text, random_blocks, split
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description="Train a character-level GPT (seed Q2).")
     p.add_argument("--text", default=DEFAULT_TEXT,
-                   help="UTF-8 training text (default: the shipped Grimms' Fairy Tales, %(default)s)")
+                   help="UTF-8 training text (default: the shipped Grimms' Fairy Tales, "
+                   "%(default)s)")
     p.add_argument("--keep-boilerplate", action="store_true",
                    help="keep a Project Gutenberg header and licence (stripped by default)")
     p.add_argument("--model-type", default="gpt-micro", choices=sorted(PRESETS))
@@ -61,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print a sample every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=torch_device,
+                   default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dist-timeout", type=positive_float, default=300.0,
                    help="seconds a distributed run waits for a peer before it fails")
     p.add_argument("--seed", type=int, default=1337)
