@@ -73,11 +73,18 @@ def one_line(message: str) -> str:
 
 def run_cli(main, argv=None, prog: str | None = None) -> int:
     """Call ``main(argv)``; a :class:`UsageError`, ``OSError`` or a failed distributed
-    run becomes one stderr line and exit status 1. Returns 0 on success."""
+    run becomes one stderr line and exit status 1. Returns 0 on success.
+
+    After a :class:`DistributedRunError` the process ends here (``os._exit``):
+    the interpreter's normal shutdown can wait forever on a frozen peer."""
     try:
         main(argv)
     except (UsageError, OSError, DistributedRunError) as error:
         name = prog or os.path.basename(sys.argv[0] or "pyattn")
         print(f"{name}: error: {one_line(error)}", file=sys.stderr)
+        if isinstance(error, DistributedRunError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_USER_ERROR)
         return EXIT_USER_ERROR
     return 0

@@ -189,18 +189,20 @@ def train(args, stop_after: Optional[int] = None) -> dict:
     A distributed run whose peer dies, or hangs for ``--dist-timeout`` seconds,
     raises :class:`DistributedRunError` instead of waiting forever."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    lost_peer = False
     try:
         rank, world, device = _init_distributed(args)
         return _train(args, rank, world, device, stop_after)
     except (dist.DistError, RuntimeError) as error:
         if world <= 1 or not (isinstance(error, dist.DistError) or LOST_PEER.search(str(error))):
             raise
+        lost_peer = True
         raise DistributedRunError(
             f"rank {os.environ.get('RANK', '?')} of {world}: a peer process died or did not "
             f"answer within --dist-timeout {args.dist_timeout:g} s "
             f"({type(error).__name__}: {one_line(error)[:200]})") from error
-    finally:
-        if world > 1 and dist.is_initialized():
+    finally:  # no teardown with a lost peer: it can block on the peer (run_cli exits)
+        if world > 1 and dist.is_initialized() and not lost_peer:
             dist.destroy_process_group()
 
 
