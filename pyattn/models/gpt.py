@@ -170,31 +170,34 @@ class GPT(nn.Module):
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
                  greedy: bool = False, generator: Optional[torch.Generator] = None,
                  use_cache: bool = True) -> torch.Tensor:
-        """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T).
+        """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T >= 1).
 
-        Without cache, every step re-encodes the last ``block_size`` tokens.
-        With the key/value cache each new token costs one position: the prompt
-        (cropped to ``block_size``) is encoded once, then one token at a time.
-        Past ``block_size`` tokens the RoPE cache slides (the oldest keys are
-        dropped, positions keep counting: attention depends only on relative
-        positions); with absolute embeddings the window is re-encoded instead.
-        Up to ``block_size`` tokens both paths give the same logits.
+        Each token is drawn from the logits of the last ``block_size`` tokens,
+        encoded as one window (positions 0 .. block_size - 1), as in training.
+        Without cache every step re-encodes that window. With the key/value
+        cache the prompt (cropped to ``block_size``) is encoded once, then one
+        token at a time: the same logits while the text fits in ``block_size``.
+        Past it the cache cannot slide: in layers above the first a cached key
+        depends on the tokens before it, including ones the window has since
+        dropped (RoPE makes the first layer's scores depend on relative positions
+        only, not the deeper layers' keys on the window's start), so from there
+        on each step re-encodes the window, exactly as without cache.
         """
         from pyattn.models.sampling import next_token
 
+        if idx.dim() != 2 or idx.shape[1] == 0:
+            raise ValueError(f"generate: idx must be (batch, seq) with seq >= 1 (a prompt to "
+                             f"continue), got shape {tuple(idx.shape)}")
+        if max_new_tokens < 0:
+            raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
         block = self.config.block_size
         caches = None
         for _ in range(max_new_tokens):
-            if not use_cache:
-                logits, _ = self(idx[:, -block:])
-            elif caches is None or (self.pos_emb is not None and caches[0]["k"].shape[2] >= block):
-                caches = [{} for _ in self.blocks]
-                logits, _ = self(idx[:, -block:], caches=caches)
-            else:
-                if caches[0]["k"].shape[2] >= block:  # slide: keep the newest block - 1 keys
-                    for cache in caches:
-                        cache["k"], cache["v"] = cache["k"][:, :, 1 - block:], cache["v"][:, :, 1 - block:]
+            if caches is not None and caches[0]["k"].shape[2] < block:  # room in the window
                 logits, _ = self(idx[:, -1:], caches=caches)
+            else:  # encode the window afresh; cache it only while it can still grow
+                caches = [{} for _ in self.blocks] if use_cache and idx.shape[1] < block else None
+                logits, _ = self(idx[:, -block:], caches=caches)
             token = next_token(logits[:, -1], temperature, top_k, top_p, greedy, generator)
             idx = torch.cat([idx, token], dim=1)
         return idx

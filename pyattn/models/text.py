@@ -5,6 +5,14 @@ import os
 
 import torch
 
+from pyattn.models.cli import UsageError
+
+# The training text shipped in the repository (data/README.md gives its source and
+# licence); PYATTN_DATA_DIR points elsewhere, as for the tests.
+DATA_DIR = os.environ.get("PYATTN_DATA_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data"))
+DEFAULT_TEXT = os.path.join(DATA_DIR, "text", "grimms_fairy_tales.txt")
+
 
 class CharTokenizer:
     """Characters of a text <-> ids, in sorted order (saved with the model)."""
@@ -24,12 +32,25 @@ class CharTokenizer:
         return len(self.chars)
 
     def encode(self, text: str) -> list[int]:
+        """Ids of the characters of ``text``; :class:`UsageError` naming any character
+        outside the vocabulary."""
         unknown = sorted({c for c in text if c not in self.index})
         if unknown:
             shown = ", ".join(repr(c) for c in unknown[:10])
-            raise ValueError(f"text has {len(unknown)} character(s) outside the vocabulary: "
+            raise UsageError(f"text has {len(unknown)} character(s) outside the vocabulary: "
                              f"{shown}")
         return [self.index[c] for c in text]
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """:meth:`encode` for a generation prompt, which must not be empty."""
+        if not prompt:
+            raise UsageError("the prompt is empty: give at least one character to continue "
+                             "from (generation has nothing to condition on otherwise)")
+        try:
+            return self.encode(prompt)
+        except UsageError as error:
+            raise UsageError(f"prompt {prompt[:40]!r}: {error}; the model knows only the "
+                             f"{self.vocab_size} characters of its training text") from None
 
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
@@ -57,12 +78,15 @@ def load_text(path: str, strip_boilerplate: bool = True) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"text file not found: {path!r} (pass --text PATH to a UTF-8 "
                                 "text file, e.g. Grimms' Fairy Tales from Project Gutenberg)")
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as error:
+        raise UsageError(f"text file {path!r} is not UTF-8 text ({error})") from None
     if strip_boilerplate:
         text = strip_gutenberg(text)
     if len(text) < 2:
-        raise ValueError(f"text file {path!r} is too short to train on")
+        raise UsageError(f"text file {path!r} is too short to train on ({len(text)} characters)")
     return text
 
 
@@ -76,7 +100,7 @@ def random_blocks(data: torch.Tensor, block_size: int, batch_size: int,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets), each (batch, block): random windows, targets shifted by one."""
     if len(data) <= block_size:
-        raise ValueError(f"data of {len(data)} tokens is too short for block_size {block_size}")
+        raise UsageError(f"data of {len(data)} tokens is too short for block_size {block_size}")
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
     windows = torch.stack([data[s:s + block_size + 1] for s in starts.tolist()])
     return windows[:, :-1], windows[:, 1:]

@@ -13,80 +13,63 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import datetime
 import math
 import os
+import re
 import time
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from pyattn.models.checkpoint import (WRITE_PAUSE_ENV, CheckpointError,  # noqa: F401 (API)
+                                      load_checkpoint, model_from_checkpoint, save_atomic)
+from pyattn.models.cli import (DistributedRunError, OneLineParser, UsageError,
+                               dropout_probability, nonnegative_float, nonnegative_int,
+                               one_line, positive_float, positive_int, run_cli, torch_device,
+                               unit_fraction)
 from pyattn.models.gpt import ATTENTION, GPT, PRESETS, GPTConfig
-from pyattn.models.text import CharTokenizer, load_text, random_blocks, split
-
-CHECKPOINT_KEYS = {"config", "chars", "model", "optimizer", "step", "rng", "args"}
-
+from pyattn.models.text import DEFAULT_TEXT, CharTokenizer, load_text, random_blocks, split
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train a character-level GPT (seed Q2).")
-    p.add_argument("--text", required=True, help="UTF-8 training text")
+    p = OneLineParser(description="Train a character-level GPT (seed Q2).")
+    p.add_argument("--text", default=DEFAULT_TEXT,
+                   help="UTF-8 training text (default: the shipped Grimms' Fairy Tales, "
+                   "%(default)s)")
     p.add_argument("--keep-boilerplate", action="store_true",
                    help="keep a Project Gutenberg header and licence (stripped by default)")
     p.add_argument("--model-type", default="gpt-micro", choices=sorted(PRESETS))
     p.add_argument("--out-dir", default="runs/gpt", help="checkpoint OUT/ckpt.pt, log, plot")
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=64, help="global batch (all ranks)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / lr")
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--max-steps", type=int, default=2000)
-    p.add_argument("--epochs", type=float, help="train this many passes over the training "
-                   "tokens instead of --max-steps")
+    p.add_argument("--block-size", type=positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="global batch (all ranks)")
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--min-lr-ratio", type=unit_fraction, default=0.1, help="final lr / lr")
+    p.add_argument("--warmup-steps", type=nonnegative_int, default=100)
+    p.add_argument("--weight-decay", type=nonnegative_float, default=0.1)
+    p.add_argument("--dropout", type=dropout_probability, default=0.1)
+    p.add_argument("--max-steps", type=positive_int, default=2000)
+    p.add_argument("--epochs", type=positive_float, help="train this many passes over the "
+                   "training tokens instead of --max-steps")
     p.add_argument("--attn", default="pyattn", choices=ATTENTION)
     p.add_argument("--abs-emb", action="store_true",
                    help="learned absolute position embeddings instead of RoPE")
-    p.add_argument("--eval-interval", type=int, default=200, help="val loss + checkpoint")
-    p.add_argument("--eval-iters", type=int, default=20, help="val batches per evaluation")
-    p.add_argument("--sample-interval", type=int, default=500, help="print a sample")
+    p.add_argument("--eval-interval", type=positive_int, default=200,
+                   help="validation loss every N steps (and at the last)")
+    p.add_argument("--eval-iters", type=positive_int, default=20, help="val batches per evaluation")
+    p.add_argument("--checkpoint-interval", type=positive_int, default=200,
+                   help="write OUT/ckpt.pt every N steps (and at the last)")
+    p.add_argument("--sample-interval", type=nonnegative_int, default=500,
+                   help="print a sample every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=torch_device,
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dist-timeout", type=positive_float, default=300.0,
+                   help="seconds a distributed run waits for a peer before it fails")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
-
-
-def save_atomic(obj, path: str) -> None:
-    """torch.save to a temporary file beside `path`, then rename over it."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """A checkpoint written by this trainer, with clear errors for anything else."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path!r}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path!r} is not a readable pyattn GPT checkpoint: {error}") from error
-    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
-        raise ValueError(f"{path!r} is not a pyattn GPT checkpoint (expected keys "
-                         f"{sorted(CHECKPOINT_KEYS)})")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict, device="cpu", attn: Optional[str] = None):
-    """(model, tokenizer) from a checkpoint; ``attn`` overrides the kernel choice."""
-    config = dict(ckpt["config"])
-    if attn is not None:
-        config["attn"] = attn
-    model = GPT(GPTConfig(**config))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device), CharTokenizer(ckpt["chars"])
 
 
 def lr_at(step: int, args) -> float:
@@ -151,28 +134,92 @@ def plot_losses(log_path: str, png_path: str) -> None:
     plt.close(fig)
 
 
+def _init_distributed(args) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process; joins the process group under
+    torchrun (WORLD_SIZE > 1) with a timeout, so a lost peer ends the run."""
+    device = torch.device(args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=args.dist_timeout))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+LOG_COLUMNS = ["step", "train_loss", "val_loss", "lr", "tokens_per_s"]
+
+
+def _start_log(log_path: str, resumed_step: Optional[int]) -> None:
+    """A fresh log, or on resume the old one cut back to the checkpoint's step (rows a
+    killed run wrote after its last checkpoint, a torn last row included, are redone)."""
+    rows = []
+    if resumed_step is not None and os.path.exists(log_path):
+        with open(log_path, newline="") as f:
+            for row in csv.DictReader(f):
+                if None in row.values() or not row["step"].isdigit():
+                    break  # a row torn by a kill
+                if int(row["step"]) <= resumed_step:
+                    rows.append(row)
+    tmp = f"{log_path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, log_path)
+
+
+def _check_lengths(train_ids, val_ids, block_size: int) -> None:
+    for name, ids in (("training", train_ids), ("validation", val_ids)):
+        if len(ids) <= block_size:
+            raise UsageError(f"the {name} split has {len(ids)} characters, too few for "
+                             f"--block-size {block_size}: use a longer --text or a smaller "
+                             "--block-size")
+
+
+# Words in the errors gloo / NCCL / the TCP store raise when a peer dies or hangs
+# (as plain RuntimeError from DDP's backward hooks, or as torch.distributed.DistError).
+LOST_PEER = re.compile(r"gloo|nccl|connection|timed out|timeout|broken pipe", re.IGNORECASE)
+
+
 def train(args, stop_after: Optional[int] = None) -> dict:
     """Train; returns {'step', 'val_loss', 'tokens_per_s', 'out_dir'}. ``stop_after``
-    ends the run after that step as if it were interrupted (tests of --resume)."""
+    ends the run after that step as if it were interrupted (tests of --resume).
+    A distributed run whose peer dies, or hangs for ``--dist-timeout`` seconds,
+    raises :class:`DistributedRunError` instead of waiting forever."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    lost_peer = False
+    try:
+        rank, world, device = _init_distributed(args)
+        return _train(args, rank, world, device, stop_after)
+    except (dist.DistError, RuntimeError) as error:
+        if world <= 1 or not (isinstance(error, dist.DistError) or LOST_PEER.search(str(error))):
+            raise
+        lost_peer = True
+        raise DistributedRunError(
+            f"rank {os.environ.get('RANK', '?')} of {world}: a peer process died or did not "
+            f"answer within --dist-timeout {args.dist_timeout:g} s "
+            f"({type(error).__name__}: {one_line(error)[:200]})") from error
+    finally:  # no teardown with a lost peer: it can block on the peer (run_cli exits)
+        if world > 1 and dist.is_initialized() and not lost_peer:
+            dist.destroy_process_group()
+
+
+def _train(args, rank: int, world: int, device: torch.device,
+           stop_after: Optional[int]) -> dict:
     from tqdm.auto import tqdm
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = 0, 1
-    device = torch.device(args.device)
-    if distributed:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
     if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the "
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the "
                          f"{world} processes")
     main_process = rank == 0
 
     text = load_text(args.text, strip_boilerplate=not args.keep_boilerplate)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    if args.resume and not os.path.exists(ckpt_path):
+        raise UsageError(f"--resume: no checkpoint {ckpt_path!r} to continue from (run "
+                         "without --resume to start)")
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
     tokenizer = CharTokenizer(ckpt["chars"]) if ckpt else CharTokenizer.from_text(text)
     train_ids, val_ids = split(torch.tensor(tokenizer.encode(text), dtype=torch.long))
@@ -181,24 +228,26 @@ def train(args, stop_after: Optional[int] = None) -> dict:
 
     torch.manual_seed(args.seed)
     if ckpt:  # the architecture (block size included) is the checkpoint's
-        config = GPTConfig(**{**ckpt["config"], "attn": args.attn})
+        model, _ = model_from_checkpoint(ckpt, attn=args.attn)
+        config = model.config
         args.block_size = config.block_size
     else:
         config = GPTConfig.preset(args.model_type, vocab_size=tokenizer.vocab_size,
                                   block_size=args.block_size, dropout=args.dropout,
                                   rope=not args.abs_emb, attn=args.attn)
-    model = GPT(config).to(device)
+        model = GPT(config)
+    _check_lengths(train_ids, val_ids, args.block_size)
+    model = model.to(device)
     optimizer = torch.optim.AdamW(model.optimizer_groups(args.weight_decay), lr=args.lr,
                                   betas=(0.9, 0.95))
     data_gen = torch.Generator().manual_seed(args.seed + 1)
     start = 0
     if ckpt:
-        model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         _set_rng_state(ckpt["rng"], data_gen)
         start = ckpt["step"]
     net = model
-    if distributed:
+    if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
@@ -208,14 +257,12 @@ def train(args, stop_after: Optional[int] = None) -> dict:
 
     os.makedirs(args.out_dir, exist_ok=True)
     log_path = os.path.join(args.out_dir, "log.csv")
-    if main_process and not (ckpt and os.path.exists(log_path)):
-        with open(log_path, "w", newline="") as f:
-            csv.writer(f).writerow(["step", "train_loss", "val_loss", "lr", "tokens_per_s"])
     if main_process:
+        _start_log(log_path, start if ckpt else None)
         print(f"{args.model_type}: {model.num_parameters() / 1e6:.2f}M parameters, "
               f"vocab {tokenizer.vocab_size}, attn {args.attn}, "
               f"{'absolute positions' if args.abs_emb else 'RoPE'}, device {device}, "
-              f"{world} process(es); steps {start + 1}..{args.max_steps}")
+              f"{world} process(es); steps {start + 1}..{args.max_steps}", flush=True)
 
     per_rank = args.batch_size // world
     bar = tqdm(range(start + 1, args.max_steps + 1), disable=args.no_progress or not main_process,
@@ -237,23 +284,25 @@ def train(args, stop_after: Optional[int] = None) -> dict:
         train_loss = loss.item()
         tokens_per_s = args.batch_size * args.block_size / (time.perf_counter() - t0)
         bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-        evaluate = step % args.eval_interval == 0 or step == args.max_steps
+        last = step == args.max_steps
         row_val = ""
-        if evaluate:
+        if step % args.eval_interval == 0 or last:
             val_loss = estimate_val_loss(model, val_ids, args, device, autocast)
-            row_val = f"{val_loss:.4f}"
+            row_val = repr(val_loss)
             if main_process:
                 bar.write(f"step {step}: train {train_loss:.4f}, val {val_loss:.4f}")
+        if main_process:
+            # the row goes first: a checkpoint at step s always has its rows up to s
+            with open(log_path, "a", newline="") as f:
+                csv.writer(f).writerow([step, repr(train_loss), row_val, f"{lr:.6g}",
+                                        f"{tokens_per_s:.1f}"])
+            if step % args.checkpoint_interval == 0 or last:
                 save_atomic({"config": dataclasses.asdict(config), "chars": tokenizer.chars,
                              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "step": step, "rng": _rng_state(data_gen),
                              "args": {k: v for k, v in vars(args).items()
                                       if isinstance(v, (int, float, str, bool, type(None)))}},
                             ckpt_path)
-        if main_process:
-            with open(log_path, "a", newline="") as f:
-                csv.writer(f).writerow([step, f"{train_loss:.6f}", row_val, f"{lr:.6g}",
-                                        f"{tokens_per_s:.1f}"])
             if args.sample_interval and step % args.sample_interval == 0:
                 model.eval()  # no dropout, and no draw from the training RNG
                 sample = model.generate(
@@ -266,11 +315,15 @@ def train(args, stop_after: Optional[int] = None) -> dict:
     bar.close()
     if main_process:
         plot_losses(log_path, os.path.join(args.out_dir, "loss.png"))
-    if distributed:
-        dist.destroy_process_group()
     return {"step": step, "val_loss": val_loss, "tokens_per_s": tokens_per_s,
             "out_dir": args.out_dir}
 
 
 def main(argv=None) -> dict:
+    """The training CLI's work; user errors raise (see :func:`cli_main`)."""
     return train(build_parser().parse_args(argv))
+
+
+def cli_main(argv=None) -> int:
+    """``examples/gpt/train.py``: exit status 0, or 1 with one stderr line for a user error."""
+    return run_cli(main, argv)

@@ -24,16 +24,22 @@ class RotaryEmbedding(nn.Module):
         if head_dim % 2:
             raise ValueError(f"RotaryEmbedding: head_dim must be even, got {head_dim}")
         self.head_dim, self.theta = head_dim, theta
-        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Rotate ``x`` of shape ``(..., seq, head_dim)`` whose first row sits at ``offset``."""
+        """Rotate ``x`` of shape ``(..., seq, head_dim)`` whose first row sits at ``offset``.
+
+        Angles and products are computed in float64 for float64 input, else in
+        float32 (half-precision input is rotated in float32 and rounded once).
+        The frequencies are made here (in float64, then rounded), not kept as a
+        buffer, so ``module.half()`` cannot lower their precision."""
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
         seq = x.shape[-2]
-        positions = torch.arange(offset, offset + seq, device=x.device, dtype=torch.float32)
-        angles = positions[:, None] * self.inv_freq.to(x.device)[None, :]  # (seq, head_dim / 2)
+        inv_freq = (self.theta ** (-torch.arange(0, self.head_dim, 2, device=x.device,
+                                                 dtype=torch.float64) / self.head_dim)).to(compute)
+        positions = torch.arange(offset, offset + seq, device=x.device, dtype=compute)
+        angles = positions[:, None] * inv_freq[None, :]  # (seq, head_dim / 2)
         cos, sin = angles.cos(), angles.sin()
-        pairs = x.float().unflatten(-1, (-1, 2))
+        pairs = x.to(compute).unflatten(-1, (-1, 2))
         even, odd = pairs[..., 0], pairs[..., 1]
         rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
         return rotated.flatten(-2).to(x.dtype)
