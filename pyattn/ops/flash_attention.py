@@ -275,7 +275,19 @@ def _launch(kernel_name: str, tile_configs: list, tiled_block: str, tiled_len: i
     def grid(meta):
         return configs.grid(triton_cdiv(tiled_len, meta[tiled_block]), batch_heads)
 
-    wrap_triton(kernel)[grid](*args, **constexprs)
+    _traceable(kernel)[grid](*args, **constexprs)
+
+
+def _traceable(kernel):
+    """wrap_triton(kernel); under TRITON_INTERPRET=1 @triton.jit gives an
+    interpreter function, which torch < 2.13's wrap_triton refuses (torch 2.13
+    returns it as is): launch that one directly, as torch 2.13 does."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, (JITFunction, Autotuner)):
+        return wrap_triton(kernel)
+    return kernel
 
 
 def _device_guard(t: torch.Tensor):
