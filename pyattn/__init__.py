@@ -4,7 +4,7 @@
   circular padding fused into the kernel (no padded copy of the input).
 - :func:`pyattn.flash_attention` — FlashAttention-style attention (tiled C++
   on CPU, Triton on GPU), forward and backward in O(seq) memory.
-- :func:`pyattn.spmm` — CSR sparse x dense products (sum / mean / max) for
+- :func:`pyattn.spmm` — CSR sparse x dense products (sum / mean / max / min) for
   graph convolutions.
 - :mod:`pyattn.nn` — modules built on the ops (``PaddedConv2d``).
 
