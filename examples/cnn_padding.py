@@ -13,41 +13,42 @@ so a long run leaves its finished cells behind.
 import argparse
 import csv
 import os
+import sys
 import time
 
 import torch
 
+from pyattn.models.cli import (OneLineParser, nonnegative_int, positive_int, run_cli,
+                              torch_device)
 from pyattn.studies import cnn_padding as study
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = OneLineParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--net", nargs="+", choices=study.NETS, default=["Net1"])
     parser.add_argument("--conv-type", nargs="+", choices=list(study.CONV_TYPES),
                         default=["fconv"])
     parser.add_argument("--all", action="store_true", help="both nets x all six conv types")
-    parser.add_argument("--repeats", type=int, default=10,
+    parser.add_argument("--repeats", type=positive_int, default=10,
                         help="runs per setting; run r seeds the weights with first-seed + r")
-    parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=50, help="max epochs per run")
-    parser.add_argument("--patience", type=int, default=8,
+    parser.add_argument("--first-seed", type=nonnegative_int, default=0)
+    parser.add_argument("--epochs", type=positive_int, default=50, help="max epochs per run")
+    parser.add_argument("--patience", type=nonnegative_int, default=8,
                         help="early stop after this many epochs without a better val loss")
-    parser.add_argument("--batch-size", type=int, default=200)
+    parser.add_argument("--batch-size", type=positive_int, default=200)
     parser.add_argument("--impl", choices=["pyattn", "torch"], default="pyattn",
                         help="convs from pyattn.nn.PaddedConv2d or torch.nn.Conv2d")
     parser.add_argument("--val-protocol", choices=["original", "fresh"], default="original")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=torch_device,
+                        default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--csv", help="also write one row per run to this CSV file")
     args = parser.parse_args(argv)
-    if min(args.repeats, args.epochs, args.batch_size) < 1:
-        parser.error("--repeats, --epochs and --batch-size must be >= 1")
-
     configs = ([(net, conv) for net in study.NETS for conv in study.CONV_TYPES] if args.all
                else [(net, conv) for net in args.net for conv in args.conv_type])
     config = study.TrainConfig(epochs=args.epochs, patience=args.patience,
                                batch_size=args.batch_size)
-    device = torch.device(args.device)
+    device = args.device
     start = time.time()
     data = study.make_datasets(args.val_protocol)
     rows = []
@@ -79,4 +80,4 @@ def write_csv(path, rows, seed):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

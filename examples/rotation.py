@@ -8,27 +8,30 @@ upright and with random rotations (one plot, a CSV, a table).
 import argparse
 import csv
 import os
+import sys
 
 import torch
 
+from pyattn.models.cli import OneLineParser, positive_float, positive_int, run_cli, torch_device
 from pyattn.studies import rotation
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = OneLineParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["digits", "cifar10"], default="digits")
     p.add_argument("--data-dir", help="CIFAR-10 python batches directory")
     p.add_argument("--download", action="store_true", help="download CIFAR-10 (MD5-checked)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=positive_int, default=10)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--interpolation", choices=["bilinear", "nearest"], default="bilinear")
     p.add_argument("--padding-mode", nargs="+", default=["zeros"],
                    choices=["zeros", "reflect", "replicate", "circular"],
                    help="repeat the study per padding mode")
     p.add_argument("--out", default="runs/rotation", help="folder for the PNG and CSV")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=torch_device,
+                   default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.dataset == "cifar10":
         if not args.data_dir:
@@ -37,7 +40,7 @@ def main(argv=None):
     else:
         data = rotation.load_digits_32()
     config = rotation.RotationConfig(args.epochs, args.batch_size, args.lr, args.interpolation)
-    results = rotation.run_study(data, config, torch.device(args.device), args.padding_mode)
+    results = rotation.run_study(data, config, args.device, args.padding_mode)
     os.makedirs(args.out, exist_ok=True)
     png = os.path.join(args.out, "rotation_accuracy.png")
     rotation.plot(results, config, png, f"{data.name}: accuracy vs test rotation")
@@ -53,4 +56,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))
