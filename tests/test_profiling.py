@@ -36,7 +36,9 @@ def test_cpu_peak_counts_an_output_carved_from_freed_heap():
                          capture_output=True, text=True, timeout=120).stdout.split()
     broken, fixed = [int(v) for v in out[:2]], [int(v) for v in out[2:]]
     output_bytes = 2**17 * 4
-    assert max(broken) < output_bytes, broken  # the case still arises without the fix
+    # Without the fix the output is missed at least once (which reading misses
+    # it depends on the allocator's state; both missed it in the run that found it).
+    assert min(broken) < output_bytes, broken
     assert all(output_bytes <= v < output_bytes + 2**20 for v in fixed), fixed
 
 

@@ -27,19 +27,24 @@ WRITE_PAUSE_ENV = "PYATTN_CHECKPOINT_WRITE_PAUSE"
 
 
 class _PausingWriter(io.FileIO):
-    """A file that sleeps once, after its first write, for the fault-injection tests."""
+    """A file that sleeps once, half-way through its first write, for the
+    fault-injection tests: the file on disk is then a prefix of a checkpoint,
+    however torch.save splits its writes (it may write everything at once)."""
 
     def __init__(self, path: str, pause: float):
         super().__init__(path, "wb")
         self.pause = pause
 
     def write(self, data) -> int:
-        written = super().write(data)
-        if self.pause:
-            self.flush()
-            time.sleep(self.pause)
-            self.pause = 0.0
-        return written
+        if not self.pause:
+            return super().write(data)
+        view = memoryview(data).cast("B")
+        half = len(view) // 2
+        written = super().write(view[:half])
+        self.flush()
+        time.sleep(self.pause)
+        self.pause = 0.0
+        return written + super().write(view[written:])
 
 
 def save_atomic(obj, path: str) -> None:
