@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from packaging.version import Version
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -398,9 +399,14 @@ def test_cpp_empty_shapes_match_sdpa(q_shape, kv_shape, causal):
     k = torch.randn(q_shape[0], *kv_shape, 16, dtype=torch.float64, requires_grad=True)
     v = torch.randn(q_shape[0], *kv_shape, 16, dtype=torch.float64, requires_grad=True)
     out, lse = pyattn.flash_attention(q, k, v, causal=causal, return_lse=True)
-    heads = q.shape[1] // max(k.shape[1], 1)
-    want = F.scaled_dot_product_attention(q, k.repeat_interleave(heads, 1),
-                                          v.repeat_interleave(heads, 1))
+    # what SDPA returns in torch >= 2.13: empty, or zeros when there is no key;
+    # torch 2.11's CPU SDPA dies with SIGFPE on some of these shapes (make rehearsal)
+    want = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype)
+    if Version(torch.__version__.split("+")[0]) >= Version("2.13"):
+        heads = q.shape[1] // max(k.shape[1], 1)
+        sdpa = F.scaled_dot_product_attention(q, k.repeat_interleave(heads, 1),
+                                              v.repeat_interleave(heads, 1))
+        assert torch.equal(sdpa, want)
     assert out.shape == want.shape and lse.shape == q.shape[:3]
     assert torch.equal(out, want) and torch.isneginf(lse).all() == (k.shape[2] == 0 or lse.numel() == 0)
     grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out), allow_unused=True)
