@@ -177,15 +177,6 @@ void for_each_element(Index total, const F& f) {
   });
 }
 
-template <typename F>
-void with_index_type(const ConvGeometry& g, int64_t count, const F& f) {
-  if (BatchedColumns<uint32_t>::fits_32bit(g, count)) {
-    f(BatchedColumns<uint32_t>(g, count));
-  } else {
-    f(BatchedColumns<int64_t>(g, count));
-  }
-}
-
 void im2col_batched_cpu(const at::Tensor& input, const at::Tensor& cols, const ConvGeometry& g) {
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "padded_conv2d_im2col_batched_cpu", [&] {
     const scalar_t* in = input.const_data_ptr<scalar_t>();

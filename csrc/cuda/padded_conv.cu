@@ -48,15 +48,6 @@ __global__ void col2im_kernel(const Acc* __restrict__ cols, T* __restrict__ grad
   }
 }
 
-template <typename F>
-void with_index_type(const ConvGeometry& g, int64_t count, const F& f) {
-  if (BatchedColumns<uint32_t>::fits_32bit(g, count)) {
-    f(BatchedColumns<uint32_t>(g, count));
-  } else {
-    f(BatchedColumns<int64_t>(g, count));
-  }
-}
-
 bool cuda_supports(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
 }

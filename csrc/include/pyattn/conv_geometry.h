@@ -175,4 +175,15 @@ struct BatchedColumns {
   }
 };
 
+// Calls f(layout) with the 32-bit BatchedColumns when every index of `count`
+// samples fits, else the 64-bit one (host code of both backends).
+template <typename F>
+void with_index_type(const ConvGeometry& g, int64_t count, const F& f) {
+  if (BatchedColumns<uint32_t>::fits_32bit(g, count)) {
+    f(BatchedColumns<uint32_t>(g, count));
+  } else {
+    f(BatchedColumns<int64_t>(g, count));
+  }
+}
+
 }  // namespace pyattn
