@@ -254,6 +254,7 @@ class RunResult:
     epochs: int
     best_epoch: int
     seconds: float = 0.0   # wall time of training and testing
+    cpu_seconds: float = 0.0   # CPU time of this process over the same span (all threads)
 
 
 def train_one(net: str, conv_type: str, data: Datasets, seed: int, config: TrainConfig,
@@ -262,7 +263,7 @@ def train_one(net: str, conv_type: str, data: Datasets, seed: int, config: Train
     """Train one net as the original: ``torch.manual_seed(seed)``, then the net;
     Adadelta; batches in order (no shuffling); validation after every epoch;
     early stopping (:class:`EarlyStopping`); test on the best-val-loss checkpoint."""
-    start_time = time.perf_counter()
+    start_time, start_cpu = time.perf_counter(), time.process_time()
     torch.manual_seed(seed)
     model = PaddingNet(net, conv_type, conv_factory(impl)).to(device)
     optimizer = torch.optim.Adadelta(model.parameters(), lr=config.lr, rho=config.rho,
@@ -292,7 +293,7 @@ def train_one(net: str, conv_type: str, data: Datasets, seed: int, config: Train
     model.load_state_dict(best_state)
     _, test_accuracy = evaluate(model, data.test, config.batch_size, device)
     return RunResult(val_accuracy, test_accuracy, epoch, best_epoch,
-                     time.perf_counter() - start_time)
+                     time.perf_counter() - start_time, time.process_time() - start_cpu)
 
 
 @dataclasses.dataclass
