@@ -79,7 +79,7 @@ def attention_visible_only(q, k, v, causal=False, scale=None):
         all_neg_inf = torch.isneginf(scores).all(-1, keepdim=True)
         probs = torch.softmax(scores, -1).masked_fill(all_neg_inf, 0.0)
         rows.append(probs @ vd[:, :, :end])
-    return torch.cat(rows, dim=2).to(q.dtype)
+    return torch.cat(rows, dim=2).to(q.dtype) if rows else torch.zeros_like(q)
 
 
 # Philox4x32-10 (csrc/include/pyattn/philox.h) on int64 tensors holding uint32 values.

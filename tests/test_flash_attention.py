@@ -159,6 +159,29 @@ def test_cpp_non_contiguous_inputs_and_grad(causal):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("rows", ["expanded", "overlapping", "single_row_stride_1"])
+def test_cpp_rows_that_overlap_in_memory(rows):
+    """Row strides below head_dim (a key broadcast along the sequence, rows of an
+    as_strided view sharing elements, or one row with stride 1): BLAS refuses
+    such a leading dimension (MKL printed an error and left the output zero,
+    found by the fuzz); the kernel copies them first."""
+    seq_k, dim = (1, 16) if rows == "single_row_stride_1" else (23, 16)
+    if rows == "expanded":
+        k = torch.randn(2, 2, 1, dim, dtype=torch.float64).expand(2, 2, seq_k, dim)
+    else:
+        stride = 1 if rows == "single_row_stride_1" else 3
+        k = torch.randn(2 * 2 * (seq_k * stride + dim), dtype=torch.float64).as_strided(
+            (2, 2, seq_k, dim), (2 * (seq_k * stride + dim), seq_k * stride + dim, stride, 1))
+    v = k.flip(-1)
+    q = torch.randn(2, 4, 9, dim, dtype=torch.float64)
+    grad = torch.randn(2, 4, 9, dim, dtype=torch.float64)
+    ours = _run(lambda *a, **kw: pyattn.flash_attention(*a, **kw, return_lse=True), q, k, v, grad,
+                causal=True)
+    exact = _run(_reference, q, k, v, grad, causal=True)
+    for a, b in zip(ours, exact):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 def test_rows_without_visible_key_are_zero_not_nan():
     # seq_q > seq_k with causal alignment: the first 5 queries see no key.
     q, k, v = _inputs(1, 2, 2, 12, 7, 16, torch.float64)
@@ -435,6 +458,25 @@ def test_cpp_forward_mode_ad_raises():
     import torch.autograd.forward_ad as fwAD
     with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):
         pyattn.flash_attention(q, fwAD.make_dual(k, torch.randn_like(k)), v)
+
+
+@pytest.mark.parametrize("op", ["flash_attention_forward", "flash_attention_triton_forward"])
+def test_forward_mode_ad_raises_at_the_raw_op_and_under_compile(op):
+    """Not only the Python wrapper: the op itself (its Autograd kernel) refuses a
+    tangent, so raw torch.ops calls and compiled graphs never return an output
+    without one (torch.func.jvp used to report zeros)."""
+    import torch.autograd.forward_ad as fwAD
+    q, k, v = _inputs(1, 2, 1, 9, 9, 8, torch.float32)
+    raw = getattr(torch.ops.pyattn, op)
+    with pytest.raises(RuntimeError, match="forward-mode AD"):
+        torch.func.jvp(lambda q: raw(q, k, v, True, 0.5, 0.0, 0)[0], (q,), (torch.randn_like(q),))
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):
+        raw(q, k, fwAD.make_dual(v, torch.randn_like(v)), False, 0.5, 0.0, 0)
+    if op != "flash_attention_forward":
+        return  # compiling the triton backend needs a GPU (the interpreter runs on fake tensors)
+    compiled = torch.compile(lambda q: pyattn.flash_attention(q, k, v), fullgraph=True)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):
+        compiled(fwAD.make_dual(q, torch.randn_like(q)))
 
 
 # ------------------------------------------------------------------------ dropout

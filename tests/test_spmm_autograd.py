@@ -79,6 +79,51 @@ def test_jvp_matches_reference(problem, reduce, weighted):
         torch.testing.assert_close(forward_ad.unpack_dual(dual).tangent, want_tangent)
 
 
+@pytest.mark.parametrize("reduce", ["sum", "max"])
+def test_jvp_of_the_raw_op_and_under_compile(problem, reduce):
+    """The tangent comes from the op's own Autograd kernel: a raw torch.ops call
+    and a compiled graph get it too, not an output without one."""
+    rowptr, col, x, values = problem
+    x, values = x.detach(), values.detach()
+    dx = torch.randn_like(x)
+    _, want = torch.func.jvp(lambda x: reference.spmm(rowptr, col, x, values, reduce), (x,),
+                             (dx,))
+    raw = lambda x: torch.ops.pyattn.spmm_csr(rowptr, col, values, x, reduce, True,
+                                              None, None, None)[0]
+    _, got = torch.func.jvp(raw, (x,), (dx,))
+    torch.testing.assert_close(got, want)
+    compiled = torch.compile(lambda x: pyattn.spmm(rowptr, col, x, values, reduce),
+                             fullgraph=True)
+    with forward_ad.dual_level():
+        dual = compiled(forward_ad.make_dual(x, dx))
+        torch.testing.assert_close(forward_ad.unpack_dual(dual).tangent, want)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_forward_over_reverse_matches_reference(problem, reduce):
+    """Hessian-vector product in `values` and `x` (forward mode through the
+    backward, whose edge-gradient op has its own jvp)."""
+    rowptr, col, x, values = problem
+    primals = (x.detach(), values.detach())
+    tangents = tuple(torch.randn_like(p) for p in primals)
+
+    def hvp(fn):
+        def loss(x, v):
+            return fn(rowptr, col, x, v, reduce).sin().sum()
+        return torch.func.jvp(torch.func.grad(loss, argnums=(0, 1)), primals, tangents)[1]
+
+    with pytest.raises(NotImplementedError, match="nested torch.func transforms"):
+        hvp(pyattn.spmm)
+    want = hvp(reference.spmm)
+    with forward_ad.dual_level():
+        x, v = (forward_ad.make_dual(p, t).requires_grad_() for p, t in zip(primals, tangents))
+        grads = torch.autograd.grad(pyattn.spmm(rowptr, col, x, v, reduce).sin().sum(), (x, v),
+                                    create_graph=True)
+        got = tuple(forward_ad.unpack_dual(g).tangent for g in grads)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 def test_jvp_tangent_is_not_silently_zero(problem, monkeypatch):
     """The jvp check above fails if the rule drops the values tangent."""
     rowptr, col, x, values = problem

@@ -66,15 +66,26 @@ struct Rows {
   }
 };
 
-template <typename T>
-Rows<T> rows_of(const at::Tensor& t) {
-  return Rows<T>{const_cast<T*>(t.const_data_ptr<T>()), t.stride(0), t.stride(1), t.stride(2)};
+// BLAS takes a leading dimension of at least the row length (head_dim): rows
+// that overlap (stride 0 from expand, or below head_dim from as_strided) are
+// refused by it (MKL prints an error and leaves the result unwritten).
+int64_t blas_row_stride(const at::Tensor& t) {
+  // One row: its stride addresses nothing, and may be anything.
+  return t.size(-2) <= 1 ? std::max<int64_t>(t.size(-1), 1) : t.stride(-2);
 }
 
-// Unit stride along head_dim and a row stride BLAS can take (an int) are all
-// the kernels need; copy only if missing.
+template <typename T>
+Rows<T> rows_of(const at::Tensor& t) {
+  return Rows<T>{const_cast<T*>(t.const_data_ptr<T>()), t.stride(0), t.stride(1),
+                 blas_row_stride(t)};
+}
+
+// Unit stride along head_dim and a row stride BLAS can take (at least head_dim,
+// at most an int) are all the kernels need; copy only if missing.
 at::Tensor with_unit_last_stride(const at::Tensor& t) {
-  const bool usable = t.stride(-1) == 1 && t.stride(-2) <= std::numeric_limits<int>::max();
+  const int64_t row_stride = blas_row_stride(t);
+  const bool usable = t.stride(-1) == 1 && row_stride >= t.size(-1) &&
+                      row_stride <= std::numeric_limits<int>::max();
   return usable ? t : t.contiguous();
 }
 

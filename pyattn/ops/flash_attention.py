@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import os
 
 import torch
-from torch.autograd import forward_ad
 from torch.library import triton_op, wrap_triton
 
 from pyattn import reference
 from pyattn.backends import triton_interpret
+from pyattn.ops import autograd_kernel
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -149,7 +150,6 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         out, lse = reference.attention(q, k, v, causal, scale, dropout_p, seed)
         return (out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)) \
             if return_lse else out
-    _refuse_forward_ad(q, k, v)
     if backend == "cpp":
         out, lse = torch.ops.pyattn.flash_attention_forward(q, k, v, causal, scale, dropout_p, seed)
     else:
@@ -204,24 +204,27 @@ def _refuse_double_backward(backward_op_name: str):
     return backward
 
 
-def _refuse_forward_ad(*tensors):
-    """Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) has no rule here,
-    and the ops would return outputs without a tangent: raise instead. (Checked
-    in eager mode; the compiler does not trace forward AD.)"""
-    if torch.compiler.is_compiling():
-        return
-    if any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
-        raise RuntimeError("flash_attention: forward-mode AD (torch.func.jvp, "
-                           "torch.autograd.forward_ad) is not supported; use "
-                           "F.scaled_dot_product_attention or backend='reference'")
+_NO_FORWARD_AD = ("flash_attention: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) "
+                  "is not supported; use F.scaled_dot_product_attention or backend='reference'")
 
 
-torch.library.register_autograd("pyattn::flash_attention_forward",
-                                _make_backward(torch.ops.pyattn.flash_attention_backward),
-                                setup_context=_setup_context)
-torch.library.register_autograd(
-    "pyattn::flash_attention_backward",
-    _refuse_double_backward("pyattn::flash_attention_backward"))
+def _register_autograd(forward_op: str, backward_op: str, dispatch_keys=("Autograd",)):
+    """The forward op's backward is `backward_op`, which is not differentiable;
+    forward mode raises at both (instead of returning outputs without a tangent)."""
+    def no_setup(ctx, inputs, output):
+        pass
+
+    refuse_jvp = autograd_kernel.refuse_jvp(_NO_FORWARD_AD)
+    backward = _make_backward(getattr(torch.ops.pyattn, backward_op))
+    for function in (
+            autograd_kernel.function_class(forward_op, _setup_context, backward, refuse_jvp),
+            autograd_kernel.function_class(backward_op, no_setup,
+                                           _refuse_double_backward(f"pyattn::{backward_op}"),
+                                           refuse_jvp)):
+        autograd_kernel.register(function, dispatch_keys)
+
+
+_register_autograd("flash_attention_forward", "flash_attention_backward")
 
 
 # ------------------------------------------------------------- Triton backend
@@ -287,7 +290,31 @@ def _traceable(kernel):
 
     if isinstance(kernel, (JITFunction, Autotuner)):
         return wrap_triton(kernel)
+    _interpreter_scalars_as_index()
     return kernel
+
+
+def _interpreter_scalars_as_index():
+    """Let the interpreter take a loop bound computed from `tl.program_id`.
+
+    The interpreter holds a scalar as an array of shape (1,); triton 3.6's
+    interpreter turns it into a Python int with ``int(array)``, which numpy >= 2.4
+    refuses ("only 0-dimensional arrays can be converted"), so every causal
+    ``range(lo, hi)`` here fails there (the lent GPU machine has triton 3.6.0 and
+    numpy 2.5). Later triton squeezes first; do the same where the old code is."""
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+    if getattr(patch_tensor, "squeezes_index", False) or \
+            "int(self.handle.data))" not in inspect.getsource(patch_tensor):
+        return
+
+    def patch_tensor_squeezing_index(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_tensor_squeezing_index.squeezes_index = True
+    interpreter._patch_lang_tensor = patch_tensor_squeezing_index
 
 
 def _device_guard(t: torch.Tensor):
@@ -377,9 +404,10 @@ def _triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     return dq, dk, dv
 
 
-_triton_forward.register_autograd(_make_backward(_triton_backward), setup_context=_setup_context)
-_triton_backward.register_autograd(
-    _refuse_double_backward("pyattn::flash_attention_triton_backward"))
+# The triton_ops come with an Autograd kernel (reverse mode only): these take
+# precedence on the two devices the kernels run on.
+_register_autograd("flash_attention_triton_forward", "flash_attention_triton_backward",
+                   ("AutogradCPU", "AutogradCUDA"))
 
 
 def triton_dropout_keep(batch: int, heads: int, seq_q: int, seq_k: int, dropout_p: float,

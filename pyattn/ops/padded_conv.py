@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 import torch
-from torch._functorch.autograd_function import enable_single_level_autograd_function
-from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch._prims_common import suggest_memory_format
+
+from pyattn.ops import autograd_kernel
 
 IntOrPair = Union[int, Sequence[int]]
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -227,31 +227,10 @@ def _grad_weight_jvp(ctx, dgy, dx, dw):
                         None if dgy is not None or dx is not None else torch.zeros_like(w))
 
 
-_library = torch.library.Library("pyattn", "IMPL")  # keeps the Autograd kernels registered
-
-
-def _apply(function, *args):
-    if len(retrieve_all_functorch_interpreters()) > 1:
-        # One torch.func level works (its tensors are unwrapped once before this
-        # kernel runs); with nested levels the outer tangents would be dropped.
-        raise NotImplementedError(
-            f"pyattn::{function.op_name}: nested torch.func transforms (e.g. jvp of grad, "
-            "jacrev of grad) are not supported; use torch.autograd double backward or "
-            "torch.autograd.forward_ad over torch.autograd.grad(create_graph=True)")
-    with enable_single_level_autograd_function():
-        return super(torch.autograd.Function, function).apply(*args)
-
-
 def _register_autograd(name, n_tensors, vjp, jvp):
     """Autograd kernel of pyattn::`name` (its first `n_tensors` arguments are the
-    tensors) through an autograd.Function with a vjp and a jvp, so reverse mode,
-    forward mode (torch.func.jvp, forward_ad) and their compositions all work."""
-    op = getattr(_ops, name).default
-
-    def forward(*args):
-        with torch._C._AutoDispatchBelowAutograd():
-            return op(*args)
-
+    tensors) with a vjp and a jvp, so reverse mode, forward mode (torch.func.jvp,
+    forward_ad) and their compositions all work."""
     def setup_context(ctx, inputs, output):
         tensors = [t for t in inputs[:n_tensors] if t is not None]
         if name == "padded_conv2d":
@@ -267,19 +246,8 @@ def _register_autograd(name, n_tensors, vjp, jvp):
     def forward_tangent(ctx, *tangents):
         return jvp(ctx, *tangents[:n_tensors])
 
-    function = type(f"PaddedConvFunction_{name}", (torch.autograd.Function,),
-                    {"forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
-                     "backward": staticmethod(backward), "jvp": staticmethod(forward_tangent),
-                     "op_name": name})
-
-    def autograd_kernel(*args):
-        # The C++ apply, not autograd.Function.apply: under torch.func transforms
-        # the latter would re-enter the dispatcher as a higher-order op, but this
-        # kernel already runs below the transforms (on their unwrapped tensors),
-        # where autograd's own reverse and forward mode are what is needed.
-        return _apply(function, *args)
-
-    _library.impl(name, autograd_kernel, "Autograd")
+    autograd_kernel.register(
+        autograd_kernel.function_class(name, setup_context, backward, forward_tangent))
 
 
 _register_autograd("padded_conv2d", 3, _conv_vjp, _conv_jvp)

@@ -26,6 +26,8 @@ from typing import Optional
 
 import torch
 
+from pyattn.ops import autograd_kernel
+
 REDUCTIONS = ("sum", "mean", "max", "min")
 EXTREMA = ("max", "min")
 
@@ -110,20 +112,8 @@ def spmm(rowptr: torch.Tensor, col: torch.Tensor, x: torch.Tensor,
     if len(csc) != 3:
         raise ValueError("spmm: `transpose` must be (csc_ptr, csc_row, csc_perm)")
     args = (rowptr, col, values, x, reduce, check, *csc)
-    if not torch.compiler.is_compiling() and _forward_mode_possible():
-        out, _ = _SpmmFunction.apply(*args)
-    else:
-        # The op's registered autograd (the same backward) serves eager reverse
-        # mode without _SpmmFunction's per-call cost, and compiled graphs (Dynamo
-        # cannot trace a custom jvp).
-        out, _ = torch.ops.pyattn.spmm_csr(*args)
+    out, _ = torch.ops.pyattn.spmm_csr(*args)
     return out
-
-
-def _forward_mode_possible() -> bool:
-    """Inside torch.autograd.forward_ad.dual_level() or a torch.func transform."""
-    return torch.autograd.forward_ad._current_level >= 0 or \
-        torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _check_fake_devices(op: str, x, **tensors):
@@ -232,35 +222,11 @@ def _jvp_impl(rowptr, col, values, x, arg, reduce, values_t, x_t):
     return torch.where(valid, out_t, torch.zeros_like(out_t))
 
 
-class _SpmmFunction(torch.autograd.Function):
-    """pyattn::spmm_csr with the same backward as its registered autograd, plus
-    the forward-mode rule (which ops registered through torch.library lack)."""
-
-    @staticmethod
-    def forward(rowptr, col, values, x, reduce, check, csc_ptr, csc_row, csc_perm):
-        return torch.ops.pyattn.spmm_csr(rowptr, col, values, x, reduce, check,
-                                         csc_ptr, csc_row, csc_perm)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
-        rowptr, col, values, x = inputs[:4]
-        ctx.save_for_forward(rowptr, col, values, x, output[1])
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_arg):
-        return _backward_impl(ctx.saved_tensors, ctx.reduce, ctx.needs_input_grad, grad_out)
-
-    @staticmethod
-    def jvp(ctx, _rowptr_t, _col_t, values_t, x_t, *_):
-        rowptr, col, values, x, arg = ctx.saved_tensors
-        return _jvp_impl(rowptr, col, values, x, arg, ctx.reduce, values_t, x_t), None
-
-
 def _setup_context(ctx, inputs, output):
     rowptr, col, values, x, reduce, check, csc_ptr, csc_row, csc_perm = inputs
     _, arg = output
     ctx.save_for_backward(rowptr, col, values, x, arg, csc_ptr, csc_row, csc_perm)
+    ctx.save_for_forward(rowptr, col, values, x, arg)
     ctx.reduce = reduce
     ctx.mark_non_differentiable(arg)
 
@@ -269,7 +235,13 @@ def _backward(ctx, grad_out, _grad_arg):
     return _backward_impl(ctx.saved_tensors, ctx.reduce, ctx.needs_input_grad, grad_out)
 
 
-torch.library.register_autograd("pyattn::spmm_csr", _backward, setup_context=_setup_context)
+def _jvp(ctx, _rowptr_t, _col_t, values_t, x_t, *_):
+    rowptr, col, values, x, arg = ctx.saved_tensors
+    return _jvp_impl(rowptr, col, values, x, arg, ctx.reduce, values_t, x_t), None
+
+
+autograd_kernel.register(autograd_kernel.function_class("spmm_csr", _setup_context, _backward,
+                                                        _jvp))
 
 
 # grad_values[e] = s_i <g_i, x_{col e}> is bilinear in (x, g): its derivatives
@@ -277,6 +249,7 @@ torch.library.register_autograd("pyattn::spmm_csr", _backward, setup_context=_se
 def _edge_grad_setup(ctx, inputs, output):
     rowptr, col, x, grad_out, reduce = inputs
     ctx.save_for_backward(rowptr, col, x, grad_out)
+    ctx.save_for_forward(rowptr, col, x, grad_out)
     ctx.reduce = reduce
 
 
@@ -291,8 +264,17 @@ def _edge_grad_backward(ctx, grad_edges):
     return None, None, d_x, d_grad_out, None
 
 
-torch.library.register_autograd("pyattn::spmm_csr_edge_grad", _edge_grad_backward,
-                                setup_context=_edge_grad_setup)
+def _edge_grad_jvp(ctx, _rowptr_t, _col_t, x_t, grad_out_t, _reduce_t):
+    rowptr, col, x, grad_out = ctx.saved_tensors
+    terms = [torch.ops.pyattn.spmm_csr_edge_grad(rowptr, col, a, b, ctx.reduce)
+             for a, b in ((x_t, grad_out), (x, grad_out_t)) if a is not None and b is not None]
+    if not terms:
+        return torch.zeros(col.shape, dtype=x.dtype, device=x.device)
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+autograd_kernel.register(autograd_kernel.function_class(
+    "spmm_csr_edge_grad", _edge_grad_setup, _edge_grad_backward, _edge_grad_jvp))
 
 
 def _max_backward_has_no_derivative(ctx, *grads):
@@ -302,5 +284,12 @@ def _max_backward_has_no_derivative(ctx, *grads):
         "implemented. Use reduce='sum' or 'mean' for higher-order gradients.")
 
 
-torch.library.register_autograd("pyattn::spmm_csr_max_backward",
-                                _max_backward_has_no_derivative)
+def _no_setup(ctx, inputs, output):
+    pass
+
+
+autograd_kernel.register(autograd_kernel.function_class(
+    "spmm_csr_max_backward", _no_setup, _max_backward_has_no_derivative,
+    autograd_kernel.refuse_jvp(
+        "pyattn.spmm: reduce='max' / 'min' has no forward-mode derivative of its backward "
+        "(pyattn::spmm_csr_max_backward); use reduce='sum' or 'mean'.")))
