@@ -15,14 +15,10 @@ import time
 import pytest
 import torch
 
-from pyattn.profiling import peak_memory, track_large_allocations
+from pyattn.profiling import peak_memory
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROOFLINE = pytest.StashKey[dict]()
-
-# Before any large allocation, so that CPU peak-memory readings see every
-# allocation of >= 128 KiB (see pyattn.profiling.track_large_allocations).
-track_large_allocations()
 
 
 def synchronized(fn):

@@ -1,6 +1,7 @@
 """Peak-memory measurement for tests, benchmarks and reports."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -18,21 +19,34 @@ def _libc():
     return libc if libc is not None and hasattr(libc, "mallopt") else None
 
 
-@functools.lru_cache(maxsize=1)
-def track_large_allocations() -> None:
-    """Serve every allocation >= 128 KiB by mmap and give freed memory back.
+# glibc's thresholds start at 128 KiB and adapt upward after large frees, to at
+# most these (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, and twice it for trimming).
+_TRACKED_THRESHOLD = 128 * 1024
+_ADAPTED_MMAP_THRESHOLD = 32 * 1024 * 1024
+_ADAPTED_TRIM_THRESHOLD = 64 * 1024 * 1024
 
-    glibc raises its mmap and trim thresholds after large frees, after which big
-    tensors reuse resident heap pages and a peak resident-set reading misses
-    them. Setting both thresholds explicitly turns that adjustment off.
-    ``peak_memory`` calls this; a long-running program that measures CPU memory
-    late (after heavy work) should call it at its start.
-    """
+
+@contextlib.contextmanager
+def large_allocations_tracked():
+    """Within: every allocation >= 128 KiB is served by mmap and freed memory is
+    given back, so a peak resident-set reading sees every big tensor (with glibc's
+    adaptive thresholds, big tensors reuse resident heap pages and read 0).
+
+    After: the thresholds where glibc's adaptation ends (32 MiB mmap, 64 MiB trim),
+    not 128 KiB: code timed later must not pay an mmap, munmap and page faults
+    for every tensor (that slowed the report's training loops by half and
+    penalised allocation-heavy code in the benchmarks)."""
     libc = _libc()
+    m_trim_threshold, m_mmap_threshold = -1, -3
     if libc is not None:
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 128 * 1024)
-        libc.mallopt(m_trim_threshold, 128 * 1024)
+        libc.mallopt(m_mmap_threshold, _TRACKED_THRESHOLD)
+        libc.mallopt(m_trim_threshold, _TRACKED_THRESHOLD)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(m_mmap_threshold, _ADAPTED_MMAP_THRESHOLD)
+            libc.mallopt(m_trim_threshold, _ADAPTED_TRIM_THRESHOLD)
 
 
 def _release_free_heap() -> None:
@@ -76,8 +90,8 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu",
     if device.type == "cpu":
         if readings < 1:
             raise ValueError(f"peak_memory: `readings` must be >= 1, got {readings}")
-        track_large_allocations()
-        return max(_cpu_peak(fn) for _ in range(readings))
+        with large_allocations_tracked():
+            return max(_cpu_peak(fn) for _ in range(readings))
     raise ValueError(f"peak_memory: unsupported device {device}")
 
 
