@@ -2,9 +2,9 @@
 
 Forward and forward+backward, causal and not, head_dim 64 and 128; CPU: float32,
 seq 256 -> 4096 (batch 1, 8 heads); GPU: bfloat16, seq 512, 2048, 8192, 16384 (batch x
-seq = 16k tokens, 16 heads at head_dim 64, 8 at 128). Records time, TFLOP/s
-(4 B H Nq Nk D forward, halved when causal, x3.5 for forward+backward) and
-peak memory.
+seq = 16k tokens, 16 heads at head_dim 64, 8 at 128); plus single-query decode
+against a KV cache and grouped-query heads. Records time, TFLOP/s (4 B H Nq Nk D
+forward, halved when causal, x3.5 for forward+backward) and peak memory.
 
     python -m pytest benchmarks/bench_flash_attention.py --benchmark-only
 """
@@ -35,7 +35,8 @@ def attention(impl, q, k, v, causal, dropout_p=0.0):
     if impl == "naive":
         return naive_attention(q, k, v, causal, dropout_p)
     with sdpa_kernel(SDPA_BACKENDS[impl]):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p,
+                                              enable_gqa=q.shape[1] != k.shape[1])
 
 
 def unavailable(impl, q, k, v, causal, dropout_p=0.0):
@@ -59,9 +60,18 @@ def shape(seq, dim):
 
 def measure_case(measure, impl, seq, dim, passes, causal, dropout_p=0.0):
     batch, heads = shape(seq, dim)
+    dropout = f" dropout {dropout_p}" if dropout_p else ""
+    measure_shapes(measure, impl, (batch, heads, seq, dim), (batch, heads, seq, dim), passes,
+                   causal, f"attention seq {seq} d {dim} {passes} "
+                   f"{'causal' if causal else 'full'}{dropout}", dropout_p)
+
+
+def measure_shapes(measure, impl, q_shape, kv_shape, passes, causal, group, dropout_p=0.0):
+    """Time one (q, k, v) shape; FLOPs from the number of visible (query, key) pairs."""
+    (batch, heads, seq_q, dim), seq = q_shape, kv_shape[2]
     torch.manual_seed(0)
-    q, k, v = (torch.randn(batch, heads, seq, dim, device=DEVICE, dtype=DTYPE,
-                           requires_grad=passes != "forward") for _ in range(3))
+    q, k, v = (torch.randn(*shape_, device=DEVICE, dtype=DTYPE, requires_grad=passes != "forward")
+               for shape_ in (q_shape, kv_shape, kv_shape))
     reason = unavailable(impl, q, k, v, causal, dropout_p)
     if reason:
         pytest.skip(f"{impl} unavailable: {reason}")
@@ -76,12 +86,10 @@ def measure_case(measure, impl, seq, dim, passes, causal, dropout_p=0.0):
             for t in (q, k, v):
                 t.grad = None
             attention(impl, q, k, v, causal, dropout_p).backward(grad)
-    flops = 4 * batch * heads * seq * seq * dim * (0.5 if causal else 1.0)
+    flops = 4 * batch * heads * seq_q * seq * dim * (0.5 if causal and seq_q > 1 else 1.0)
     flops *= 1.0 if passes == "forward" else 3.5
-    rounds = 2 if seq >= 4096 else 3
-    dropout = f" dropout {dropout_p}" if dropout_p else ""
-    measure(step, f"attention seq {seq} d {dim} {passes} {'causal' if causal else 'full'}{dropout}",
-            impl, rounds=rounds, flops=flops)
+    rounds = 2 if seq_q >= 4096 else 3 if seq_q > 1 else 20
+    measure(step, group, impl, rounds=rounds, flops=flops)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -99,6 +107,27 @@ def test_attention_dropout(measure, passes, impl):
     """Dropout 0.1 on the probabilities (the seed GPT template's attn_pdrop):
     causal, head_dim 64, the second sequence length."""
     measure_case(measure, impl, SEQS[1], 64, passes, True, dropout_p=0.1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("seq", [SEQS[1], SEQS[-1]])
+def test_attention_decode(measure, seq, impl):
+    """One new query against a KV cache of `seq` keys (generation): batch 4,
+    8 heads, head_dim 64, forward; it sees every cached key (not `causal`: SDPA's
+    is_causal aligns the query with the first key)."""
+    measure_shapes(measure, impl, (4, 8, 1, 64), (4, 8, seq, 64), "forward", False,
+                   f"attention decode 1 x {seq} keys d 64")
+
+
+@pytest.mark.parametrize("impl", ["pyattn", *SDPA_BACKENDS])
+@pytest.mark.parametrize("passes", ["forward", "forward+backward"])
+def test_attention_gqa(measure, passes, impl):
+    """Grouped-query heads: 8 query heads sharing 2 key/value heads, causal,
+    head_dim 64, the second sequence length."""
+    seq = SEQS[1]
+    batch, _ = shape(seq, 64)
+    measure_shapes(measure, impl, (batch, 8, seq, 64), (batch, 2, seq, 64), passes, True,
+                   f"attention gqa 8/2 heads seq {seq} d 64 {passes} causal")
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="GPU headline cases (gpu_check.sh)")
