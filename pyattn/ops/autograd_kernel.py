@@ -57,6 +57,10 @@ def register(function: type, dispatch_keys: Sequence[str] = ("Autograd",)) -> No
         _library.impl(function.op_name, autograd_kernel, key)
 
 
+def no_context(ctx, inputs, output):
+    """setup_context of a Function whose backward and jvp need nothing saved."""
+
+
 def refuse_jvp(message: str):
     """A jvp that raises `message` (forward mode reaches it only with a tangent)."""
     def jvp(ctx, *tangents):

@@ -211,14 +211,11 @@ _NO_FORWARD_AD = ("flash_attention: forward-mode AD (torch.func.jvp, torch.autog
 def _register_autograd(forward_op: str, backward_op: str, dispatch_keys=("Autograd",)):
     """The forward op's backward is `backward_op`, which is not differentiable;
     forward mode raises at both (instead of returning outputs without a tangent)."""
-    def no_setup(ctx, inputs, output):
-        pass
-
     refuse_jvp = autograd_kernel.refuse_jvp(_NO_FORWARD_AD)
     backward = _make_backward(getattr(torch.ops.pyattn, backward_op))
     for function in (
             autograd_kernel.function_class(forward_op, _setup_context, backward, refuse_jvp),
-            autograd_kernel.function_class(backward_op, no_setup,
+            autograd_kernel.function_class(backward_op, autograd_kernel.no_context,
                                            _refuse_double_backward(f"pyattn::{backward_op}"),
                                            refuse_jvp)):
         autograd_kernel.register(function, dispatch_keys)
@@ -294,6 +291,7 @@ def _traceable(kernel):
     return kernel
 
 
+@functools.cache
 def _interpreter_scalars_as_index():
     """Let the interpreter take a loop bound computed from `tl.program_id`.
 
@@ -301,19 +299,18 @@ def _interpreter_scalars_as_index():
     interpreter turns it into a Python int with ``int(array)``, which numpy >= 2.4
     refuses ("only 0-dimensional arrays can be converted"), so every causal
     ``range(lo, hi)`` here fails there (the lent GPU machine has triton 3.6.0 and
-    numpy 2.5). Later triton squeezes first; do the same where the old code is."""
+    numpy 2.5). Later triton squeezes first; do the same, once, where the old
+    code is."""
     from triton.runtime import interpreter
 
     patch_tensor = interpreter._patch_lang_tensor
-    if getattr(patch_tensor, "squeezes_index", False) or \
-            "int(self.handle.data))" not in inspect.getsource(patch_tensor):
+    if "int(self.handle.data))" not in inspect.getsource(patch_tensor):
         return
 
     def patch_tensor_squeezing_index(tensor, scope):
         patch_tensor(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
 
-    patch_tensor_squeezing_index.squeezes_index = True
     interpreter._patch_lang_tensor = patch_tensor_squeezing_index
 
 

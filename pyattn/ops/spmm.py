@@ -284,12 +284,8 @@ def _max_backward_has_no_derivative(ctx, *grads):
         "implemented. Use reduce='sum' or 'mean' for higher-order gradients.")
 
 
-def _no_setup(ctx, inputs, output):
-    pass
-
-
 autograd_kernel.register(autograd_kernel.function_class(
-    "spmm_csr_max_backward", _no_setup, _max_backward_has_no_derivative,
+    "spmm_csr_max_backward", autograd_kernel.no_context, _max_backward_has_no_derivative,
     autograd_kernel.refuse_jvp(
         "pyattn.spmm: reduce='max' / 'min' has no forward-mode derivative of its backward "
         "(pyattn::spmm_csr_max_backward); use reduce='sum' or 'mean'.")))
