@@ -3,6 +3,7 @@
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "pyattn/padded_conv.h"
 
+
 #include <ATen/OpMathType.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/Parallel.h>
@@ -141,22 +142,58 @@ int64_t block_count(const ConvBackend& backend, const ConvProblem& p) {
   return backend.gemm_per_thread ? std::min(p.batch, kMaxBlocks) : 1;
 }
 
-// Calls body(block, first_sample, count, cols) over sample ranges covering the
-// batch, `cols` a (count, C*KH*KW, Ho*Wo) workspace the body may overwrite.
-// Blocks run in parallel, each one sample at a time in its thread's workspace,
-// so columns stay in cache between im2col and GEMM and each GEMM runs
-// single-threaded (the CPU path).
+// Samples whose columns one CPU GEMM (forward, grad input) covers: enough for
+// ~kGemmColumns columns, so small layers (Net1's 6x6 outputs: 36 per sample)
+// get GEMMs wide enough to run near the BLAS rate, within a ~kTileBytes tile
+// that stays in cache. 1 for large planes, whose output rows may be tiled
+// instead (for_each_row_tile). Set by the shapes alone, never the thread count.
+constexpr int64_t kGemmColumns = 512;
+
+int64_t samples_per_gemm(const ConvGeometry& g, int64_t element_size) {
+  const int64_t wanted = (kGemmColumns + g.out_plane() - 1) / g.out_plane();
+  const int64_t fit = kTileBytes / std::max<int64_t>(g.cols_per_sample() * element_size, 1);
+  return std::max<int64_t>(std::min(wanted, fit), 1);
+}
+
+// Chunks of `samples` samples as blocks of for_each_chunk.
+int64_t chunk_count(const ConvProblem& p, int64_t samples) {
+  return (p.batch + samples - 1) / samples;
+}
+
+// One thread's buffers: `cols` for (C*KH*KW, samples, plane) columns, and
+// `gathered` for a (C_out, samples, Ho*Wo) output-side matrix (the products
+// of a multi-sample GEMM, or the grad output gathered for one).
+struct ChunkBuffers {
+  at::Tensor cols;
+  at::Tensor gathered;
+
+  // The first `count` samples of `gathered` as (C_out, count, Ho*Wo).
+  at::Tensor gathered_view(const ConvProblem& p, int64_t count) const {
+    const int64_t plane = p.geometry.out_plane();
+    return gathered.narrow(0, 0, p.out_channels * count * plane)
+        .view({p.out_channels, count, plane});
+  }
+};
+
+// Calls body(block, first_sample, count, buffers) over sample ranges covering
+// the batch: `blocks` even blocks run in parallel, each in chunks of up to
+// `samples` samples in its thread's buffers, so columns stay in cache between
+// im2col and GEMM and each GEMM runs single-threaded.
 template <typename F>
-void for_each_chunk(const ConvBackend& backend, const ConvProblem& p,
-                    const at::TensorOptions& options, int64_t plane, const F& body) {
+void for_each_chunk(const ConvProblem& p, const at::TensorOptions& options, int64_t blocks,
+                    int64_t samples, int64_t plane, const F& body) {
   const ConvGeometry& g = p.geometry;
-  const int64_t blocks = block_count(backend, p);
-  const at::Tensor workspace = at::empty({at::get_num_threads(), 1, g.col_rows(), plane}, options);
+  const int64_t threads = at::get_num_threads();
+  const at::Tensor cols = at::empty({threads, samples * g.col_rows() * plane}, options);
+  const at::Tensor gathered =
+      at::empty({threads, samples > 1 ? samples * p.out_channels * g.out_plane() : 0}, options);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    const at::Tensor cols = workspace.select(0, at::get_thread_num());
+    const int64_t thread = at::get_thread_num();
+    const ChunkBuffers buffers{cols.select(0, thread), gathered.select(0, thread)};
     for (int64_t block = begin; block < end; ++block) {
-      for (int64_t n = p.batch * block / blocks; n < p.batch * (block + 1) / blocks; ++n) {
-        body(block, n, 1, cols);
+      const int64_t last = p.batch * (block + 1) / blocks;
+      for (int64_t n = p.batch * block / blocks; n < last; n += samples) {
+        body(block, n, std::min(samples, last - n), buffers);
       }
     }
   });
@@ -178,7 +215,8 @@ ConvGeometry row_tile(const ConvGeometry& g, int64_t first, int64_t rows) {
 }
 
 // Calls body(first_row, tile_geometry, cols) for each row tile of `count`
-// samples, `cols` the tile's (count, C*KH*KW, rows*Wo) view of `workspace`.
+// samples, `cols` the tile's (C*KH*KW, count, rows*Wo) view of `workspace`
+// (one tile of whole planes when count > 1, see samples_per_gemm).
 template <typename F>
 void for_each_row_tile(const ConvGeometry& g, int64_t count, const at::Tensor& workspace,
                        const F& body) {
@@ -186,8 +224,8 @@ void for_each_row_tile(const ConvGeometry& g, int64_t count, const at::Tensor& w
   for (int64_t first = 0; first < g.h.out_size; first += step) {
     const ConvGeometry tile = row_tile(g, first, std::min(step, g.h.out_size - first));
     body(first, tile,
-         workspace.view(-1).narrow(0, 0, count * tile.cols_per_sample())
-             .view({count, g.col_rows(), tile.out_plane()}));
+         workspace.narrow(0, 0, count * tile.cols_per_sample())
+             .view({g.col_rows(), count, tile.out_plane()}));
   }
 }
 
@@ -381,19 +419,30 @@ at::Tensor padded_conv2d_forward(const ConvBackend& backend, const at::Tensor& i
     return in_input_layout(out, input);
   }
   const at::Tensor out_rows = out.view({p.batch, p.out_channels, g.out_plane()});
+  const int64_t samples = samples_per_gemm(g, x.element_size());
   const int64_t plane = tile_rows(g, x.element_size()) * g.w.out_size;
-  for_each_chunk(backend, p, x.options(), plane, [&](int64_t, int64_t n0, int64_t count,
-                                                       const at::Tensor& workspace) {
-    for_each_row_tile(g, count, workspace, [&](int64_t first, const ConvGeometry& tile,
-                                                        const at::Tensor& cols) {
+  for_each_chunk(p, x.options(), chunk_count(p, samples), samples, plane,
+                 [&](int64_t, int64_t n0, int64_t count, const ChunkBuffers& buffers) {
+    for_each_row_tile(g, count, buffers.cols, [&](int64_t first, const ConvGeometry& tile,
+                                                  const at::Tensor& cols) {
       backend.im2col(x.narrow(0, n0, count), cols, tile);
-      for (int64_t i = 0; i < count; ++i) {
+      const at::Tensor col_groups = cols.view({groups, -1, count * tile.out_plane()});
+      if (count == 1) {  // straight into the output rows of this tile
         for (int64_t grp = 0; grp < groups; ++grp) {
-          at::Tensor dst = slab(out_rows, n0 + i, groups, grp)
+          at::Tensor dst = slab(out_rows, n0, groups, grp)
                                .narrow(1, first * g.w.out_size, tile.out_plane());
-          at::mm_out(dst, w.select(0, grp), slab(cols, i, groups, grp));
+          at::mm_out(dst, w.select(0, grp), col_groups.select(0, grp));
         }
+        return;
       }
+      // (C_out, count, Ho*Wo) products, then one strided copy into the output.
+      const at::Tensor products = buffers.gathered_view(p, count);
+      const at::Tensor product_groups = products.view({groups, -1, count * g.out_plane()});
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        at::Tensor dst = product_groups.select(0, grp);
+        at::mm_out(dst, w.select(0, grp), col_groups.select(0, grp));
+      }
+      out_rows.narrow(0, n0, count).transpose(0, 1).copy_(products);
     });
   });
   if (bias.has_value()) out.add_(bias->view({1, p.out_channels, 1, 1}));
@@ -425,15 +474,24 @@ at::Tensor padded_conv2d_grad_input(const ConvBackend& backend, const at::Tensor
     batched_grad_input(backend, p, go, wt, grad_input);
     return in_input_layout(grad_input, input);
   }
-  for_each_chunk(backend, p, input.options(), g.out_plane(),
-                 [&](int64_t, int64_t n0, int64_t count, const at::Tensor& cols) {
-    for (int64_t i = 0; i < count; ++i) {
-      for (int64_t grp = 0; grp < groups; ++grp) {
-        at::Tensor dst = slab(cols, i, groups, grp);
-        at::mm_out(dst, wt.select(0, grp), slab(go, n0 + i, groups, grp));
-      }
+  const int64_t samples = samples_per_gemm(g, input.element_size());
+  for_each_chunk(p, input.options(), chunk_count(p, samples), samples, g.out_plane(),
+                 [&](int64_t, int64_t n0, int64_t count, const ChunkBuffers& buffers) {
+    const at::Tensor cols = buffers.cols.narrow(0, 0, count * g.cols_per_sample())
+                                .view({groups, -1, count * g.out_plane()});
+    // grad output of the chunk as (C_out, count * Ho*Wo): one GEMM per group.
+    at::Tensor go_chunk = go.select(0, n0);
+    if (count > 1) {
+      go_chunk = buffers.gathered_view(p, count);
+      go_chunk.copy_(go.narrow(0, n0, count).transpose(0, 1));
     }
-    backend.col2im(cols, grad_input.narrow(0, n0, count), g);
+    const at::Tensor go_groups = go_chunk.view({groups, -1, count * g.out_plane()});
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      at::Tensor dst = cols.select(0, grp);
+      at::mm_out(dst, wt.select(0, grp), go_groups.select(0, grp));
+    }
+    backend.col2im(cols.view({g.col_rows(), count, g.out_plane()}),
+                   grad_input.narrow(0, n0, count), g);
   });
   return in_input_layout(grad_input, input);
 }
@@ -462,23 +520,25 @@ at::Tensor padded_conv2d_grad_weight(const ConvBackend& backend, const at::Tenso
   const at::Tensor partials =
       at::zeros({block_count(backend, p), groups, p.out_channels / groups, g.col_rows() / groups},
                 input.options().dtype(acc_type));
+  // One sample per GEMM here: the GEMM's inner dimension is the output
+  // positions, and more samples would lengthen it (see the README on MKL and
+  // determinism); its row tiles keep the columns in cache.
   const int64_t plane = tile_rows(g, x.element_size()) * g.w.out_size;
-  for_each_chunk(backend, p, x.options(), plane, [&](int64_t block, int64_t n0, int64_t count,
-                                                     const at::Tensor& workspace) {
-    for_each_row_tile(g, count, workspace, [&](int64_t first, const ConvGeometry& tile,
-                                                        const at::Tensor& cols) {
-      backend.im2col(x.narrow(0, n0, count), cols, tile);
-      for (int64_t i = 0; i < count; ++i) {
-        for (int64_t grp = 0; grp < groups; ++grp) {
-          at::Tensor dst = partials.select(0, block).select(0, grp);
-          const at::Tensor go_slab = slab(go, n0 + i, groups, grp)
-                                         .narrow(1, first * g.w.out_size, tile.out_plane());
-          const at::Tensor cols_t = slab(cols, i, groups, grp).t();
-          if (acc_type == input.scalar_type()) {
-            dst.addmm_(go_slab, cols_t);
-          } else {
-            dst.add_(at::mm(go_slab, cols_t));
-          }
+  for_each_chunk(p, x.options(), block_count(backend, p), /*samples=*/1, plane,
+                 [&](int64_t block, int64_t n0, int64_t, const ChunkBuffers& buffers) {
+    for_each_row_tile(g, 1, buffers.cols, [&](int64_t first, const ConvGeometry& tile,
+                                              const at::Tensor& cols) {
+      backend.im2col(x.narrow(0, n0, 1), cols, tile);
+      const at::Tensor col_groups = cols.view({groups, -1, tile.out_plane()});
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        at::Tensor dst = partials.select(0, block).select(0, grp);
+        const at::Tensor go_slab = slab(go, n0, groups, grp)
+                                       .narrow(1, first * g.w.out_size, tile.out_plane());
+        const at::Tensor cols_t = col_groups.select(0, grp).t();
+        if (acc_type == input.scalar_type()) {
+          dst.addmm_(go_slab, cols_t);
+        } else {
+          dst.add_(at::mm(go_slab, cols_t));
         }
       }
     });

@@ -131,6 +131,18 @@ def test_many_row_tiles(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stride, groups, size", [(1, 1, 12), (2, 2, 12), (2, 1, 29)])
+def test_several_samples_per_gemm(mode, stride, groups, size):
+    # Small planes share a GEMM on CPU (about 512 columns): 12 x 12 outputs at
+    # stride 1 put 4 samples in one, 6 x 6 at stride 2 put 15 (and take the
+    # per-tap plane tables of rows <= 8), 15 x 15 at stride 2 put 3 (strided row
+    # loops); batch 101 splits into uneven chunks, so both chunk sizes are checked.
+    x = torch.randn(101, 8, size, size)
+    w = torch.randn(6, 8 // groups, 3, 3)
+    _check(x, w, torch.randn(6), stride, 1, 1, groups, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_gradcheck(mode):
     x = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 2, 3, 2, dtype=torch.float64, requires_grad=True)
@@ -154,24 +166,29 @@ def test_opcheck(mode):
 
 
 def _assert_bitwise_same_across_thread_counts(grad_input, grad_weight):
-    """The gradient ops give bitwise equal results at 1, 2 and 3 threads (fixed
-    counts: relative to the current count this could not fail on one thread)."""
+    """The forward and gradient ops give bitwise equal results at 1, 2 and 3
+    threads (fixed counts: relative to the current count this could not fail
+    on one thread)."""
+    # Batch 70: 32 grad-weight blocks of 2-3 samples; the forward and grad
+    # input put 3 (stride 1) or 15 (stride 2) samples in one GEMM.
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(9, 8, 15, 15, generator=gen)
+    x = torch.randn(70, 8, 15, 15, generator=gen)
     w = torch.randn(8, 8, 3, 3, generator=gen)
-    grad = torch.randn(9, 8, 15, 15, generator=gen)
-    args = ([1, 1], [1, 1, 1, 1], [1, 1], 1, "circular")
     threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append([grad_weight(grad, x, w, *args), grad_input(grad, x, w, *args)])
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b), "result depends on the thread count"
+    for stride in (1, 2):
+        args = ([stride, stride], [1, 1, 1, 1], [1, 1], 1, "circular")
+        grad = torch.randn_like(torch.ops.pyattn.padded_conv2d(x, w, None, *args))
+        results = []
+        try:
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                results.append([grad_weight(grad, x, w, *args), grad_input(grad, x, w, *args),
+                                torch.ops.pyattn.padded_conv2d(x, w, None, *args)])
+        finally:
+            torch.set_num_threads(threads)
+        for other in results[1:]:
+            for a, b in zip(results[0], other):
+                assert torch.equal(a, b), "result depends on the thread count"
 
 
 def test_deterministic_backward_across_thread_counts():

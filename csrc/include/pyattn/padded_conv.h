@@ -20,9 +20,10 @@ struct ConvBackend {
   const char* device_name;
   // Dtypes this backend's kernels are compiled for.
   bool (*supports)(at::ScalarType);
-  // input: (b, C, H, W) contiguous -> cols: (b, C*KH*KW, Ho*Wo) contiguous.
+  // input: (b, C, H, W) contiguous -> cols: (C*KH*KW, b, Ho*Wo) contiguous (as the
+  // batched layout; here from per-axis tables, parallel over column rows).
   void (*im2col)(const at::Tensor& input, const at::Tensor& cols, const ConvGeometry& g);
-  // cols: (b, C*KH*KW, Ho*Wo) contiguous -> grad_input: (b, C, H, W) contiguous, overwritten.
+  // cols: (C*KH*KW, b, Ho*Wo) contiguous -> grad_input: (b, C, H, W) contiguous, overwritten.
   void (*col2im)(const at::Tensor& cols, const at::Tensor& grad_input, const ConvGeometry& g);
   // Batched layout (conv_geometry.h, BatchedColumns), used when !gemm_per_thread:
   // input (b, C, H, W) contiguous -> cols (C*KH*KW, b, Ho*Wo) contiguous.
@@ -30,7 +31,7 @@ struct ConvBackend {
   // cols (C*KH*KW, b, Ho*Wo), float32 for half inputs -> grad_input (b, C, H, W), overwritten.
   void (*col2im_batched)(const at::Tensor& cols, const at::Tensor& grad_input,
                          const ConvGeometry& g);
-  // CPU: run the per-sample GEMMs of a chunk in parallel, each single-threaded.
+  // CPU: run the GEMMs of blocks of samples in parallel, each single-threaded.
   // Otherwise (CUDA; the CPU twin in tests): a fixed number of launches per chunk
   // of samples, one batched GEMM over the groups (plan_batched).
   bool gemm_per_thread;
