@@ -514,37 +514,36 @@ at::Tensor padded_conv2d_grad_weight(const ConvBackend& backend, const at::Tenso
   const at::Tensor go =
       grad_output.contiguous().view({p.batch, p.out_channels, g.out_plane()});
   if (!backend.gemm_per_thread) return batched_grad_weight(backend, p, go, x, weight);
-  // Each block of samples sums its products into its own partial (float32 for
-  // half / bfloat16); the partials are then added in block order.
-  const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());
+  // Each block of samples (blocks set by the batch size alone) sums its
+  // products into its own partial with the backend's fixed-order product; the
+  // partials are then added in block order: results do not depend on threads.
+  TORCH_INTERNAL_ASSERT(backend.accumulate_grad_weight != nullptr);
   const at::Tensor partials =
       at::zeros({block_count(backend, p), groups, p.out_channels / groups, g.col_rows() / groups},
-                input.options().dtype(acc_type));
-  // One sample per GEMM here: the GEMM's inner dimension is the output
-  // positions, and more samples would lengthen it (see the README on MKL and
-  // determinism); its row tiles keep the columns in cache.
+                input.options());
+  const int64_t samples = samples_per_gemm(g, x.element_size());
   const int64_t plane = tile_rows(g, x.element_size()) * g.w.out_size;
-  for_each_chunk(p, x.options(), block_count(backend, p), /*samples=*/1, plane,
-                 [&](int64_t block, int64_t n0, int64_t, const ChunkBuffers& buffers) {
-    for_each_row_tile(g, 1, buffers.cols, [&](int64_t first, const ConvGeometry& tile,
-                                              const at::Tensor& cols) {
-      backend.im2col(x.narrow(0, n0, 1), cols, tile);
-      const at::Tensor col_groups = cols.view({groups, -1, tile.out_plane()});
+  for_each_chunk(p, x.options(), block_count(backend, p), samples, plane,
+                 [&](int64_t block, int64_t n0, int64_t count, const ChunkBuffers& buffers) {
+    // grad output of the chunk as (C_out, count * Ho*Wo), matching the columns.
+    at::Tensor go_chunk = go.select(0, n0);
+    if (count > 1) {
+      go_chunk = buffers.gathered_view(p, count);
+      go_chunk.copy_(go.narrow(0, n0, count).transpose(0, 1));
+    }
+    for_each_row_tile(g, count, buffers.cols, [&](int64_t first, const ConvGeometry& tile,
+                                                  const at::Tensor& cols) {
+      backend.im2col(x.narrow(0, n0, count), cols, tile);
+      const at::Tensor col_groups = cols.view({groups, -1, count * tile.out_plane()});
+      const at::Tensor go_groups = go_chunk.view({groups, -1, count * g.out_plane()})
+                                       .narrow(2, first * g.w.out_size, count * tile.out_plane());
       for (int64_t grp = 0; grp < groups; ++grp) {
-        at::Tensor dst = partials.select(0, block).select(0, grp);
-        const at::Tensor go_slab = slab(go, n0, groups, grp)
-                                       .narrow(1, first * g.w.out_size, tile.out_plane());
-        const at::Tensor cols_t = col_groups.select(0, grp).t();
-        if (acc_type == input.scalar_type()) {
-          dst.addmm_(go_slab, cols_t);
-        } else {
-          dst.add_(at::mm(go_slab, cols_t));
-        }
+        backend.accumulate_grad_weight(go_groups.select(0, grp), col_groups.select(0, grp),
+                                       partials.select(0, block).select(0, grp));
       }
     });
   });
-  const at::Tensor acc = partials.sum(0);
-  return acc.view(weight.sizes()).to(input.scalar_type());
+  return partials.sum(0).view(weight.sizes());
 }
 
 LaunchPlan plan_batched(std::string_view which, const at::Tensor& input, const at::Tensor& weight,
@@ -552,7 +551,7 @@ LaunchPlan plan_batched(std::string_view which, const at::Tensor& input, const a
                         at::IntArrayRef dilation, int64_t groups, std::string_view padding_mode) {
   constexpr const char* op = "padded_conv2d_launch_plan";
   const ConvBackend any_dtype{"any device", [](at::ScalarType) { return true; }, nullptr, nullptr,
-                              nullptr, nullptr, false};
+                              nullptr, nullptr, nullptr, false};
   const ConvProblem p = check_problem(op, any_dtype, input, weight, stride, padding, dilation,
                                       groups, padding_mode);
   return make_plan(which, p, input.scalar_type(), has_bias);

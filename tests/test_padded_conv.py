@@ -168,19 +168,22 @@ def test_opcheck(mode):
 def _assert_bitwise_same_across_thread_counts(grad_input, grad_weight):
     """The forward and gradient ops give bitwise equal results at 1, 2 and 3
     threads (fixed counts: relative to the current count this could not fail
-    on one thread)."""
+    on one thread), and again at 2 and 1 after 3: MKL's GEMM, which the weight
+    gradient used before, changed its sums after a 3-thread call."""
     # Batch 70: 32 grad-weight blocks of 2-3 samples; the forward and grad
-    # input put 3 (stride 1) or 15 (stride 2) samples in one GEMM.
+    # input put 3 (stride 1) or 8 (stride 2) samples in one GEMM. Then Net1's
+    # first layer (3 -> 32 channels, 32 x 32, padding 2, batch 200), whose
+    # weight gradient through MKL differed between 1 and 2 threads.
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(70, 8, 15, 15, generator=gen)
-    w = torch.randn(8, 8, 3, 3, generator=gen)
+    small = torch.randn(70, 8, 15, 15, generator=gen), torch.randn(8, 8, 3, 3, generator=gen)
+    net1 = torch.randn(200, 3, 32, 32, generator=gen), torch.randn(32, 3, 3, 3, generator=gen)
     threads = torch.get_num_threads()
-    for stride in (1, 2):
-        args = ([stride, stride], [1, 1, 1, 1], [1, 1], 1, "circular")
-        grad = torch.randn_like(torch.ops.pyattn.padded_conv2d(x, w, None, *args))
+    for (x, w), stride, pad in [(small, 1, 1), (small, 2, 1), (net1, 1, 2)]:
+        args = ([stride, stride], [pad] * 4, [1, 1], 1, "circular")
+        grad = torch.randn(torch.ops.pyattn.padded_conv2d(x, w, None, *args).shape, generator=gen)
         results = []
         try:
-            for n in (1, 2, 3):
+            for n in (1, 2, 3, 2, 1):
                 torch.set_num_threads(n)
                 results.append([grad_weight(grad, x, w, *args), grad_input(grad, x, w, *args),
                                 torch.ops.pyattn.padded_conv2d(x, w, None, *args)])

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -219,6 +220,101 @@ void col2im_kernel(const T* cols, T* grad_input, int64_t batch, const ConvGeomet
   });
 }
 
+// c (m x n) += a (m x k) . b (n x k)^T with every c[i][j] summed in one fixed
+// order: one 64-byte vector of partial sums over k (lane l takes k = l,
+// l + lanes, ...), its lanes added in order, then the k tail. The weight
+// gradient uses this instead of BLAS: MKL plans its sums by the process's
+// thread count and, measured, by the thread counts used earlier in the process
+// (Net1's conv1, K = 1156: results changed after a 3-thread call), so its
+// results could not be reproduced. GCC vector types: zmm registers in the
+// AVX-512 clone, pairs of ymm in the AVX2 one, SSE otherwise.
+template <typename T>
+struct LaneVector;
+template <>
+struct LaneVector<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct LaneVector<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename T>
+using Lanes = typename LaneVector<T>::type;
+
+
+// 8 x 3 output block: 24 vector accumulators (AVX-512 has 32 registers); the
+// 8 rows of `a` stay in L1 while the rows of `b` stream from L2.
+constexpr int kBlockM = 8, kBlockN = 3;
+
+template <typename T, int MI, int NJ>
+__attribute__((always_inline)) inline void dot_block(int64_t k, const T* a, int64_t lda,
+                                                     const T* b, int64_t ldb, T* c,
+                                                     int64_t ldc) {
+  constexpr int64_t lanes = sizeof(Lanes<T>) / sizeof(T);
+  Lanes<T> acc[MI][NJ] = {};
+  const int64_t whole = k / lanes * lanes;
+  for (int64_t kk = 0; kk < whole; kk += lanes) {
+    Lanes<T> bv[NJ];
+    for (int j = 0; j < NJ; ++j) std::memcpy(&bv[j], b + j * ldb + kk, sizeof(Lanes<T>));
+    for (int i = 0; i < MI; ++i) {
+      Lanes<T> av;
+      std::memcpy(&av, a + i * lda + kk, sizeof(av));
+      for (int j = 0; j < NJ; ++j) acc[i][j] += av * bv[j];
+    }
+  }
+  for (int i = 0; i < MI; ++i) {
+    for (int j = 0; j < NJ; ++j) {
+      T sum = T(0);
+      for (int64_t l = 0; l < lanes; ++l) sum += acc[i][j][l];
+      for (int64_t kk = whole; kk < k; ++kk) sum += a[i * lda + kk] * b[j * ldb + kk];
+      c[i * ldc + j] += sum;
+    }
+  }
+}
+
+template <typename T, int MI>
+__attribute__((always_inline)) inline void dot_row_block(int64_t n, int64_t k, const T* a,
+                                                         int64_t lda, const T* b, int64_t ldb,
+                                                         T* c, int64_t ldc) {
+  int64_t j = 0;
+  for (; j + kBlockN <= n; j += kBlockN) {
+    dot_block<T, MI, kBlockN>(k, a, lda, b + j * ldb, ldb, c + j, ldc);
+  }
+  for (; j < n; ++j) dot_block<T, MI, 1>(k, a, lda, b + j * ldb, ldb, c + j, ldc);
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void dot_rows(int64_t m, int64_t n, int64_t k, const T* a,
+                                                    int64_t lda, const T* b, int64_t ldb, T* c,
+                                                    int64_t ldc) {
+  int64_t i = 0;
+  for (; i + kBlockM <= m; i += kBlockM) {
+    dot_row_block<T, kBlockM>(n, k, a + i * lda, lda, b, ldb, c + i * ldc, ldc);
+  }
+  for (; i < m; ++i) dot_row_block<T, 1>(n, k, a + i * lda, lda, b, ldb, c + i * ldc, ldc);
+}
+
+PYATTN_X86_CLONES void dot_rows_accumulate(int64_t m, int64_t n, int64_t k, const float* a,
+                                           int64_t lda, const float* b, int64_t ldb, float* c,
+                                           int64_t ldc) {
+  dot_rows(m, n, k, a, lda, b, ldb, c, ldc);
+}
+
+PYATTN_X86_CLONES void dot_rows_accumulate(int64_t m, int64_t n, int64_t k, const double* a,
+                                           int64_t lda, const double* b, int64_t ldb, double* c,
+                                           int64_t ldc) {
+  dot_rows(m, n, k, a, lda, b, ldb, c, ldc);
+}
+
+void accumulate_grad_weight_cpu(const at::Tensor& rows, const at::Tensor& cols,
+                                const at::Tensor& dst) {
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "padded_conv2d_grad_weight_cpu", [&] {
+    dot_rows_accumulate(dst.size(0), dst.size(1), rows.size(1), rows.const_data_ptr<scalar_t>(),
+                        rows.stride(0), cols.const_data_ptr<scalar_t>(), cols.stride(0),
+                        dst.mutable_data_ptr<scalar_t>(), dst.stride(0));
+  });
+}
+
 bool cpu_supports(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble;
 }
@@ -269,10 +365,11 @@ void col2im_batched_cpu(const at::Tensor& cols, const at::Tensor& grad_input,
 }
 
 constexpr ConvBackend kCpu{"CPU (float32, float64)", cpu_supports, im2col_cpu, col2im_cpu,
-                           im2col_batched_cpu, col2im_batched_cpu, /*gemm_per_thread=*/true};
+                           im2col_batched_cpu, col2im_batched_cpu, accumulate_grad_weight_cpu,
+                           /*gemm_per_thread=*/true};
 constexpr ConvBackend kCpuTwin{"CPU twin of the CUDA path (float32, float64)", cpu_supports,
                                nullptr, nullptr, im2col_batched_cpu, col2im_batched_cpu,
-                               /*gemm_per_thread=*/false};
+                               nullptr, /*gemm_per_thread=*/false};
 
 // One entry point for the tests: which = forward | grad_input | grad_weight.
 at::Tensor batched_cpu_twin(c10::string_view which, const c10::optional<at::Tensor>& grad_output,
