@@ -142,6 +142,16 @@ def test_several_samples_per_gemm(mode, stride, groups, size):
     _check(x, w, torch.randn(6), stride, 1, 1, groups, mode)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grad_weight_with_many_output_channels(dtype):
+    # The CPU weight-gradient kernel holds up to 64 float (32 double) output
+    # channels in registers at a time: 70 channels take two passes, the last
+    # one partial, and 13 input rows end in a partial block of rows.
+    x = torch.randn(5, 13, 9, 9, dtype=dtype)
+    w = torch.randn(70, 13, 1, 1, dtype=dtype)
+    _check(x, w, None, 1, 1, 1, 1, "reflect")
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcheck(mode):
     x = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)

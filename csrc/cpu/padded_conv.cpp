@@ -220,14 +220,18 @@ void col2im_kernel(const T* cols, T* grad_input, int64_t batch, const ConvGeomet
   });
 }
 
-// c (m x n) += a (m x k) . b (n x k)^T with every c[i][j] summed in one fixed
-// order: one 64-byte vector of partial sums over k (lane l takes k = l,
-// l + lanes, ...), its lanes added in order, then the k tail. The weight
-// gradient uses this instead of BLAS: MKL plans its sums by the process's
-// thread count and, measured, by the thread counts used earlier in the process
-// (Net1's conv1, K = 1156: results changed after a 3-thread call), so its
-// results could not be reproduced. GCC vector types: zmm registers in the
-// AVX-512 clone, pairs of ymm in the AVX2 one, SSE otherwise.
+// c (m x n) += a (m x k) . b (n x k)^T, every c[i][j] summed over k in order
+// (k = 0, 1, ...). The weight gradient uses this instead of BLAS: MKL plans its
+// sums by the process's thread count and, measured, by the thread counts used
+// earlier in the process (Net1's conv1, K = 1156: results differed between 1
+// and 2 threads, and changed after a 3-thread call), so they could not be
+// reproduced.
+//
+// Register-blocked outer products: `a` is packed transposed (k x m, m padded to
+// whole vectors), and a block of rows of b by up to kVectorsA vectors of a's
+// columns is accumulated in registers: per k, V vector loads and R broadcasts
+// feed R * V fused multiply-adds. GCC vector
+// types: zmm in the AVX-512 clone, ymm pairs in the AVX2 one, SSE otherwise.
 template <typename T>
 struct LaneVector;
 template <>
@@ -241,77 +245,117 @@ struct LaneVector<double> {
 template <typename T>
 using Lanes = typename LaneVector<T>::type;
 
+// 24 accumulators (AVX-512 has 32 vector registers): kVectorsA vectors of a's
+// columns by 6 rows of b, or, when a has fewer columns, more rows of b.
+constexpr int kAccumulators = 24, kVectorsA = 4;
 
-// 8 x 3 output block: 24 vector accumulators (AVX-512 has 32 registers); the
-// 8 rows of `a` stay in L1 while the rows of `b` stream from L2.
-constexpr int kBlockM = 8, kBlockN = 3;
+constexpr int rows_of_b(int vectors) { return std::min(kAccumulators / vectors, 12); }
 
-template <typename T, int MI, int NJ>
-__attribute__((always_inline)) inline void dot_block(int64_t k, const T* a, int64_t lda,
-                                                     const T* b, int64_t ldb, T* c,
-                                                     int64_t ldc) {
+// c[i][j0 + r] += sum_k a_packed[k][i] * b[j0 + r][k] for R rows r and the
+// V vectors of i starting at `a_packed` (row stride lda_packed).
+template <typename T, int R, int V>
+__attribute__((always_inline)) inline void outer_block(int64_t k, const T* a_packed,
+                                                       int64_t lda_packed, int64_t columns,
+                                                       const T* b, int64_t ldb, T* c,
+                                                       int64_t ldc) {
   constexpr int64_t lanes = sizeof(Lanes<T>) / sizeof(T);
-  Lanes<T> acc[MI][NJ] = {};
-  const int64_t whole = k / lanes * lanes;
-  for (int64_t kk = 0; kk < whole; kk += lanes) {
-    Lanes<T> bv[NJ];
-    for (int j = 0; j < NJ; ++j) std::memcpy(&bv[j], b + j * ldb + kk, sizeof(Lanes<T>));
-    for (int i = 0; i < MI; ++i) {
-      Lanes<T> av;
-      std::memcpy(&av, a + i * lda + kk, sizeof(av));
-      for (int j = 0; j < NJ; ++j) acc[i][j] += av * bv[j];
+  Lanes<T> acc[R][V] = {};
+  for (int64_t kk = 0; kk < k; ++kk) {
+    Lanes<T> av[V];
+    for (int v = 0; v < V; ++v) {
+      std::memcpy(&av[v], a_packed + kk * lda_packed + v * lanes, sizeof(Lanes<T>));
+    }
+    for (int r = 0; r < R; ++r) {
+      const T scalar = b[r * ldb + kk];
+      for (int v = 0; v < V; ++v) acc[r][v] += av[v] * scalar;
     }
   }
-  for (int i = 0; i < MI; ++i) {
-    for (int j = 0; j < NJ; ++j) {
-      T sum = T(0);
-      for (int64_t l = 0; l < lanes; ++l) sum += acc[i][j][l];
-      for (int64_t kk = whole; kk < k; ++kk) sum += a[i * lda + kk] * b[j * ldb + kk];
-      c[i * ldc + j] += sum;
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) {
+      for (int64_t l = 0; l < lanes && v * lanes + l < columns; ++l) {
+        c[(v * lanes + l) * ldc + r] += acc[r][v][l];
+      }
     }
   }
 }
 
-template <typename T, int MI>
-__attribute__((always_inline)) inline void dot_row_block(int64_t n, int64_t k, const T* a,
-                                                         int64_t lda, const T* b, int64_t ldb,
-                                                         T* c, int64_t ldc) {
-  int64_t j = 0;
-  for (; j + kBlockN <= n; j += kBlockN) {
-    dot_block<T, MI, kBlockN>(k, a, lda, b + j * ldb, ldb, c + j, ldc);
+// The last `left` (< R) rows of b: one block of exactly that many rows.
+template <typename T, int V, int R>
+__attribute__((always_inline)) inline void outer_tail(int64_t left, int64_t k, const T* a_packed,
+                                                      int64_t lda_packed, int64_t columns,
+                                                      const T* b, int64_t ldb, T* c,
+                                                      int64_t ldc) {
+  if constexpr (R > 0) {
+    if (left == R) {
+      outer_block<T, R, V>(k, a_packed, lda_packed, columns, b, ldb, c, ldc);
+    } else {
+      outer_tail<T, V, R - 1>(left, k, a_packed, lda_packed, columns, b, ldb, c, ldc);
+    }
   }
-  for (; j < n; ++j) dot_block<T, MI, 1>(k, a, lda, b + j * ldb, ldb, c + j, ldc);
+}
+
+template <typename T, int V>
+__attribute__((always_inline)) inline void outer_rows(int64_t n, int64_t k, const T* a_packed,
+                                                      int64_t lda_packed, int64_t columns,
+                                                      const T* b, int64_t ldb, T* c,
+                                                      int64_t ldc) {
+  constexpr int rows = rows_of_b(V);
+  int64_t j = 0;
+  for (; j + rows <= n; j += rows) {
+    outer_block<T, rows, V>(k, a_packed, lda_packed, columns, b + j * ldb, ldb, c + j, ldc);
+  }
+  outer_tail<T, V, rows - 1>(n - j, k, a_packed, lda_packed, columns, b + j * ldb, ldb, c + j,
+                            ldc);
 }
 
 template <typename T>
-__attribute__((always_inline)) inline void dot_rows(int64_t m, int64_t n, int64_t k, const T* a,
-                                                    int64_t lda, const T* b, int64_t ldb, T* c,
-                                                    int64_t ldc) {
-  int64_t i = 0;
-  for (; i + kBlockM <= m; i += kBlockM) {
-    dot_row_block<T, kBlockM>(n, k, a + i * lda, lda, b, ldb, c + i * ldc, ldc);
+__attribute__((always_inline)) inline void outer_products(int64_t m, int64_t n, int64_t k,
+                                                          const T* a, int64_t lda, const T* b,
+                                                          int64_t ldb, T* c, int64_t ldc) {
+  constexpr int64_t lanes = sizeof(Lanes<T>) / sizeof(T);
+  const int64_t padded = (m + lanes - 1) / lanes * lanes;
+  // Row by row of the packed copy (contiguous writes; the m source rows' cache
+  // lines stay in L1 across consecutive kk); one buffer per thread.
+  static thread_local std::vector<T> a_packed;
+  a_packed.resize(k * padded);
+  for (int64_t kk = 0; kk < k; ++kk) {
+    T* row = a_packed.data() + kk * padded;
+    for (int64_t i = 0; i < m; ++i) row[i] = a[i * lda + kk];
+    for (int64_t i = m; i < padded; ++i) row[i] = T(0);
   }
-  for (; i < m; ++i) dot_row_block<T, 1>(n, k, a + i * lda, lda, b, ldb, c + i * ldc, ldc);
+  constexpr int64_t group = kVectorsA * lanes;
+  for (int64_t i0 = 0; i0 < m; i0 += group) {
+    const int64_t columns = std::min(group, m - i0);
+    const T* panel = a_packed.data() + i0;
+    T* c_rows = c + i0 * ldc;
+    switch ((columns + lanes - 1) / lanes) {
+      case 1: outer_rows<T, 1>(n, k, panel, padded, columns, b, ldb, c_rows, ldc); break;
+      case 2: outer_rows<T, 2>(n, k, panel, padded, columns, b, ldb, c_rows, ldc); break;
+      case 3: outer_rows<T, 3>(n, k, panel, padded, columns, b, ldb, c_rows, ldc); break;
+      default: outer_rows<T, 4>(n, k, panel, padded, columns, b, ldb, c_rows, ldc); break;
+    }
+  }
 }
 
-PYATTN_X86_CLONES void dot_rows_accumulate(int64_t m, int64_t n, int64_t k, const float* a,
-                                           int64_t lda, const float* b, int64_t ldb, float* c,
-                                           int64_t ldc) {
-  dot_rows(m, n, k, a, lda, b, ldb, c, ldc);
+PYATTN_X86_CLONES void accumulate_outer_products(int64_t m, int64_t n, int64_t k,
+                                                 const float* a, int64_t lda, const float* b,
+                                                 int64_t ldb, float* c, int64_t ldc) {
+  outer_products(m, n, k, a, lda, b, ldb, c, ldc);
 }
 
-PYATTN_X86_CLONES void dot_rows_accumulate(int64_t m, int64_t n, int64_t k, const double* a,
-                                           int64_t lda, const double* b, int64_t ldb, double* c,
-                                           int64_t ldc) {
-  dot_rows(m, n, k, a, lda, b, ldb, c, ldc);
+PYATTN_X86_CLONES void accumulate_outer_products(int64_t m, int64_t n, int64_t k,
+                                                 const double* a, int64_t lda, const double* b,
+                                                 int64_t ldb, double* c, int64_t ldc) {
+  outer_products(m, n, k, a, lda, b, ldb, c, ldc);
 }
 
 void accumulate_grad_weight_cpu(const at::Tensor& rows, const at::Tensor& cols,
                                 const at::Tensor& dst) {
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "padded_conv2d_grad_weight_cpu", [&] {
-    dot_rows_accumulate(dst.size(0), dst.size(1), rows.size(1), rows.const_data_ptr<scalar_t>(),
-                        rows.stride(0), cols.const_data_ptr<scalar_t>(), cols.stride(0),
-                        dst.mutable_data_ptr<scalar_t>(), dst.stride(0));
+    accumulate_outer_products(dst.size(0), dst.size(1), rows.size(1),
+                              rows.const_data_ptr<scalar_t>(), rows.stride(0),
+                              cols.const_data_ptr<scalar_t>(), cols.stride(0),
+                              dst.mutable_data_ptr<scalar_t>(), dst.stride(0));
   });
 }
 
