@@ -518,8 +518,9 @@ at::Tensor padded_conv2d_grad_weight(const ConvBackend& backend, const at::Tenso
   // products into its own partial with the backend's fixed-order product; the
   // partials are then added in block order: results do not depend on threads.
   TORCH_INTERNAL_ASSERT(backend.accumulate_grad_weight != nullptr);
+  // Kept transposed, (C*KH*KW / G, C_out / G) per group, as the kernel writes it.
   const at::Tensor partials =
-      at::zeros({block_count(backend, p), groups, p.out_channels / groups, g.col_rows() / groups},
+      at::zeros({block_count(backend, p), groups, g.col_rows() / groups, p.out_channels / groups},
                 input.options());
   const int64_t samples = samples_per_gemm(g, x.element_size());
   const int64_t plane = tile_rows(g, x.element_size()) * g.w.out_size;
@@ -543,7 +544,7 @@ at::Tensor padded_conv2d_grad_weight(const ConvBackend& backend, const at::Tenso
       }
     });
   });
-  return partials.sum(0).view(weight.sizes());
+  return partials.sum(0).transpose(1, 2).contiguous().view(weight.sizes());
 }
 
 LaunchPlan plan_batched(std::string_view which, const at::Tensor& input, const at::Tensor& weight,

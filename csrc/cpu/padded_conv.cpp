@@ -220,8 +220,8 @@ void col2im_kernel(const T* cols, T* grad_input, int64_t batch, const ConvGeomet
   });
 }
 
-// c (m x n) += a (m x k) . b (n x k)^T, every c[i][j] summed over k in order
-// (k = 0, 1, ...). The weight gradient uses this instead of BLAS: MKL plans its
+// c (m x n) += a (m x k) . b (n x k)^T, kept transposed (c_t, n x m), every
+// c[i][j] summed over k in order within panels of kDepth, panels in order. The weight gradient uses this instead of BLAS: MKL plans its
 // sums by the process's thread count and, measured, by the thread counts used
 // earlier in the process (Net1's conv1, K = 1156: results differed between 1
 // and 2 threads, and changed after a 3-thread call), so they could not be
@@ -251,12 +251,14 @@ constexpr int kAccumulators = 24, kVectorsA = 4;
 
 constexpr int rows_of_b(int vectors) { return std::min(kAccumulators / vectors, 12); }
 
-// c[i][j0 + r] += sum_k a_packed[k][i] * b[j0 + r][k] for R rows r and the
-// V vectors of i starting at `a_packed` (row stride lda_packed).
+// c_t[r][i] += sum_k a_packed[k][i] * b[r][k] for R rows r of b and the V
+// vectors of columns i at `a_packed` (row stride lda_packed; `columns` of them
+// valid). c_t is the transposed product (rows of b by columns of a), so its
+// updates are vector loads and stores too.
 template <typename T, int R, int V>
 __attribute__((always_inline)) inline void outer_block(int64_t k, const T* a_packed,
                                                        int64_t lda_packed, int64_t columns,
-                                                       const T* b, int64_t ldb, T* c,
+                                                       const T* b, int64_t ldb, T* c_t,
                                                        int64_t ldc) {
   constexpr int64_t lanes = sizeof(Lanes<T>) / sizeof(T);
   Lanes<T> acc[R][V] = {};
@@ -272,8 +274,14 @@ __attribute__((always_inline)) inline void outer_block(int64_t k, const T* a_pac
   }
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < V; ++v) {
-      for (int64_t l = 0; l < lanes && v * lanes + l < columns; ++l) {
-        c[(v * lanes + l) * ldc + r] += acc[r][v][l];
+      T* out = c_t + r * ldc + v * lanes;
+      if (columns - v * lanes >= lanes) {
+        Lanes<T> current;
+        std::memcpy(&current, out, sizeof(current));
+        current += acc[r][v];
+        std::memcpy(out, &current, sizeof(current));
+      } else {
+        for (int64_t l = 0; l < columns - v * lanes; ++l) out[l] += acc[r][v][l];
       }
     }
   }
@@ -302,60 +310,75 @@ __attribute__((always_inline)) inline void outer_rows(int64_t n, int64_t k, cons
   constexpr int rows = rows_of_b(V);
   int64_t j = 0;
   for (; j + rows <= n; j += rows) {
-    outer_block<T, rows, V>(k, a_packed, lda_packed, columns, b + j * ldb, ldb, c + j, ldc);
-  }
-  outer_tail<T, V, rows - 1>(n - j, k, a_packed, lda_packed, columns, b + j * ldb, ldb, c + j,
+    outer_block<T, rows, V>(k, a_packed, lda_packed, columns, b + j * ldb, ldb, c + j * ldc,
                             ldc);
+  }
+  outer_tail<T, V, rows - 1>(n - j, k, a_packed, lda_packed, columns, b + j * ldb, ldb,
+                            c + j * ldc, ldc);
 }
+
+// c_t (n x m) += (a (m x k) . b (n x k)^T)^T, k in panels of kDepth whose
+// packed copy of a (kDepth x 64 floats = 32 KiB) stays in L1.
+constexpr int64_t kDepth = 128;
 
 template <typename T>
 __attribute__((always_inline)) inline void outer_products(int64_t m, int64_t n, int64_t k,
                                                           const T* a, int64_t lda, const T* b,
-                                                          int64_t ldb, T* c, int64_t ldc) {
+                                                          int64_t ldb, T* c_t, int64_t ldc) {
   constexpr int64_t lanes = sizeof(Lanes<T>) / sizeof(T);
-  const int64_t padded = (m + lanes - 1) / lanes * lanes;
-  // Row by row of the packed copy (contiguous writes; the m source rows' cache
-  // lines stay in L1 across consecutive kk); one buffer per thread.
-  static thread_local std::vector<T> a_packed;
-  a_packed.resize(k * padded);
-  for (int64_t kk = 0; kk < k; ++kk) {
-    T* row = a_packed.data() + kk * padded;
-    for (int64_t i = 0; i < m; ++i) row[i] = a[i * lda + kk];
-    for (int64_t i = m; i < padded; ++i) row[i] = T(0);
-  }
   constexpr int64_t group = kVectorsA * lanes;
-  for (int64_t i0 = 0; i0 < m; i0 += group) {
-    const int64_t columns = std::min(group, m - i0);
-    const T* panel = a_packed.data() + i0;
-    T* c_rows = c + i0 * ldc;
-    switch ((columns + lanes - 1) / lanes) {
-      case 1: outer_rows<T, 1>(n, k, panel, padded, columns, b, ldb, c_rows, ldc); break;
-      case 2: outer_rows<T, 2>(n, k, panel, padded, columns, b, ldb, c_rows, ldc); break;
-      case 3: outer_rows<T, 3>(n, k, panel, padded, columns, b, ldb, c_rows, ldc); break;
-      default: outer_rows<T, 4>(n, k, panel, padded, columns, b, ldb, c_rows, ldc); break;
+  const int64_t padded = (m + lanes - 1) / lanes * lanes;
+  static thread_local std::vector<T> a_packed;  // one buffer per thread
+  a_packed.resize(kDepth * padded);
+  for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
+    const int64_t depth = std::min(kDepth, k - k0);
+    // Row by row of the packed copy: contiguous writes, while the m source
+    // rows' cache lines stay in L1 across consecutive kk.
+    for (int64_t kk = 0; kk < depth; ++kk) {
+      T* row = a_packed.data() + kk * padded;
+      for (int64_t i = 0; i < m; ++i) row[i] = a[i * lda + k0 + kk];
+      for (int64_t i = m; i < padded; ++i) row[i] = T(0);
+    }
+    for (int64_t i0 = 0; i0 < m; i0 += group) {
+      const int64_t columns = std::min(group, m - i0);
+      // (a lambda here would not be inlined into the ISA clones: 15x slower)
+      const T* panel = a_packed.data() + i0;
+      switch ((columns + lanes - 1) / lanes) {
+        case 1:
+          outer_rows<T, 1>(n, depth, panel, padded, columns, b + k0, ldb, c_t + i0, ldc);
+          break;
+        case 2:
+          outer_rows<T, 2>(n, depth, panel, padded, columns, b + k0, ldb, c_t + i0, ldc);
+          break;
+        case 3:
+          outer_rows<T, 3>(n, depth, panel, padded, columns, b + k0, ldb, c_t + i0, ldc);
+          break;
+        default:
+          outer_rows<T, 4>(n, depth, panel, padded, columns, b + k0, ldb, c_t + i0, ldc);
+      }
     }
   }
 }
 
 PYATTN_X86_CLONES void accumulate_outer_products(int64_t m, int64_t n, int64_t k,
                                                  const float* a, int64_t lda, const float* b,
-                                                 int64_t ldb, float* c, int64_t ldc) {
-  outer_products(m, n, k, a, lda, b, ldb, c, ldc);
+                                                 int64_t ldb, float* c_t, int64_t ldc) {
+  outer_products(m, n, k, a, lda, b, ldb, c_t, ldc);
 }
 
 PYATTN_X86_CLONES void accumulate_outer_products(int64_t m, int64_t n, int64_t k,
                                                  const double* a, int64_t lda, const double* b,
-                                                 int64_t ldb, double* c, int64_t ldc) {
-  outer_products(m, n, k, a, lda, b, ldb, c, ldc);
+                                                 int64_t ldb, double* c_t, int64_t ldc) {
+  outer_products(m, n, k, a, lda, b, ldb, c_t, ldc);
 }
 
 void accumulate_grad_weight_cpu(const at::Tensor& rows, const at::Tensor& cols,
-                                const at::Tensor& dst) {
+                                const at::Tensor& dst_t) {
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "padded_conv2d_grad_weight_cpu", [&] {
-    accumulate_outer_products(dst.size(0), dst.size(1), rows.size(1),
+    accumulate_outer_products(dst_t.size(1), dst_t.size(0), rows.size(1),
                               rows.const_data_ptr<scalar_t>(), rows.stride(0),
                               cols.const_data_ptr<scalar_t>(), cols.stride(0),
-                              dst.mutable_data_ptr<scalar_t>(), dst.stride(0));
+                              dst_t.mutable_data_ptr<scalar_t>(), dst_t.stride(0));
   });
 }
 

@@ -31,10 +31,10 @@ struct ConvBackend {
   // cols (C*KH*KW, b, Ho*Wo), float32 for half inputs -> grad_input (b, C, H, W), overwritten.
   void (*col2im_batched)(const at::Tensor& cols, const at::Tensor& grad_input,
                          const ConvGeometry& g);
-  // CPU path only (else nullptr): dst (M, N) += rows (M, P) . cols (N, P)^T for
-  // the weight gradient, every sum in one fixed order (unit last strides).
+  // CPU path only (else nullptr): dst_t (N, M) += (rows (M, P) . cols (N, P)^T)^T
+  // for the weight gradient, every sum in one fixed order (unit last strides).
   void (*accumulate_grad_weight)(const at::Tensor& rows, const at::Tensor& cols,
-                                 const at::Tensor& dst);
+                                 const at::Tensor& dst_t);
   // CPU: run the GEMMs of blocks of samples in parallel, each single-threaded.
   // Otherwise (CUDA; the CPU twin in tests): a fixed number of launches per chunk
   // of samples, one batched GEMM over the groups (plan_batched).
