@@ -1,5 +1,6 @@
-// CPU im2col / col2im of pyattn::padded_conv2d (float32, float64; OpenMP via
-// at::parallel_for). Per-axis tables are built with the shared index math of
+// CPU kernels of pyattn::padded_conv2d (float32, float64; OpenMP via
+// at::parallel_for): im2col, col2im and the weight gradient's fixed-order
+// products. Per-axis tables are built with the shared index math of
 // pyattn/padding.h, so these loops resolve padding exactly as the CUDA kernels.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
@@ -27,34 +28,12 @@ std::vector<int64_t> source_table(const Axis& a, PadMode mode) {
   return table;
 }
 
-// On x86-64 the per-plane gather / scatter loops below are also compiled for
-// AVX2 and AVX-512 (masked vector gathers) and picked at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYATTN_X86_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define PYATTN_X86_CLONES
-#endif
-
 // dst[p] = src[index[p]], or 0 where index[p] < 0 (zero padding): one column
-// row of a strided convolution from its tap's plane table. The load is made
-// unconditional (index 0 stands in for a zero) so it becomes a vector gather.
+// row of a strided convolution from its tap's plane table (scalar: GCC emits
+// no vector gathers for it under generic tuning).
 template <typename T>
-inline void gather_plane_loop(const T* src, const int32_t* index, T* dst, int64_t n) {
-  for (int64_t p = 0; p < n; ++p) {
-    const int32_t i = index[p];
-    const T value = src[i < 0 ? 0 : i];
-    dst[p] = i < 0 ? T(0) : value;
-  }
-}
-
-PYATTN_X86_CLONES void gather_plane(const float* src, const int32_t* index, float* dst,
-                                    int64_t n) {
-  gather_plane_loop(src, index, dst, n);
-}
-
-PYATTN_X86_CLONES void gather_plane(const double* src, const int32_t* index, double* dst,
-                                    int64_t n) {
-  gather_plane_loop(src, index, dst, n);
+void gather_plane(const T* src, const int32_t* index, T* dst, int64_t n) {
+  for (int64_t p = 0; p < n; ++p) dst[p] = index[p] < 0 ? T(0) : src[index[p]];
 }
 
 // dst[index[p]] += src[p] where index[p] >= 0, in order of p: the transpose.
@@ -220,18 +199,26 @@ void col2im_kernel(const T* cols, T* grad_input, int64_t batch, const ConvGeomet
   });
 }
 
+// On x86-64 the weight-gradient kernel below is also compiled for AVX2 and
+// AVX-512 and the clone for the running CPU is picked at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PYATTN_X86_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PYATTN_X86_CLONES
+#endif
+
 // c (m x n) += a (m x k) . b (n x k)^T, kept transposed (c_t, n x m), every
-// c[i][j] summed over k in order within panels of kDepth, panels in order. The weight gradient uses this instead of BLAS: MKL plans its
-// sums by the process's thread count and, measured, by the thread counts used
-// earlier in the process (Net1's conv1, K = 1156: results differed between 1
-// and 2 threads, and changed after a 3-thread call), so they could not be
-// reproduced.
+// c[i][j] summed over k in order within panels of kDepth, panels in order. The
+// weight gradient uses this instead of BLAS: MKL plans its sums by the
+// process's thread count and, measured, by the thread counts used earlier in
+// the process (Net1's conv1, K = 1156: results differed between 1 and 2
+// threads, and changed after a 3-thread call), so they could not be reproduced.
 //
 // Register-blocked outer products: `a` is packed transposed (k x m, m padded to
 // whole vectors), and a block of rows of b by up to kVectorsA vectors of a's
 // columns is accumulated in registers: per k, V vector loads and R broadcasts
-// feed R * V fused multiply-adds. GCC vector
-// types: zmm in the AVX-512 clone, ymm pairs in the AVX2 one, SSE otherwise.
+// feed R * V fused multiply-adds. GCC vector types: zmm in the AVX-512 clone,
+// ymm pairs in the AVX2 one, SSE otherwise.
 template <typename T>
 struct LaneVector;
 template <>
