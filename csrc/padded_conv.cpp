@@ -173,6 +173,17 @@ struct ChunkBuffers {
     return gathered.narrow(0, 0, p.out_channels * count * plane)
         .view({p.out_channels, count, plane});
   }
+
+  // Samples [n0, n0 + count) of `rows` (batch, C_out, Ho*Wo) as one (C_out,
+  // count * Ho*Wo) matrix: the sample itself when count is 1, else copied
+  // into `gathered`.
+  at::Tensor side_by_side(const ConvProblem& p, const at::Tensor& rows, int64_t n0,
+                          int64_t count) const {
+    if (count == 1) return rows.select(0, n0);
+    at::Tensor chunk = gathered_view(p, count);
+    chunk.copy_(rows.narrow(0, n0, count).transpose(0, 1));
+    return chunk;
+  }
 };
 
 // Calls body(block, first_sample, count, buffers) over sample ranges covering
@@ -480,11 +491,7 @@ at::Tensor padded_conv2d_grad_input(const ConvBackend& backend, const at::Tensor
     const at::Tensor cols = buffers.cols.narrow(0, 0, count * g.cols_per_sample())
                                 .view({groups, -1, count * g.out_plane()});
     // grad output of the chunk as (C_out, count * Ho*Wo): one GEMM per group.
-    at::Tensor go_chunk = go.select(0, n0);
-    if (count > 1) {
-      go_chunk = buffers.gathered_view(p, count);
-      go_chunk.copy_(go.narrow(0, n0, count).transpose(0, 1));
-    }
+    const at::Tensor go_chunk = buffers.side_by_side(p, go, n0, count);
     const at::Tensor go_groups = go_chunk.view({groups, -1, count * g.out_plane()});
     for (int64_t grp = 0; grp < groups; ++grp) {
       at::Tensor dst = cols.select(0, grp);
@@ -527,11 +534,7 @@ at::Tensor padded_conv2d_grad_weight(const ConvBackend& backend, const at::Tenso
   for_each_chunk(p, x.options(), block_count(backend, p), samples, plane,
                  [&](int64_t block, int64_t n0, int64_t count, const ChunkBuffers& buffers) {
     // grad output of the chunk as (C_out, count * Ho*Wo), matching the columns.
-    at::Tensor go_chunk = go.select(0, n0);
-    if (count > 1) {
-      go_chunk = buffers.gathered_view(p, count);
-      go_chunk.copy_(go.narrow(0, n0, count).transpose(0, 1));
-    }
+    const at::Tensor go_chunk = buffers.side_by_side(p, go, n0, count);
     for_each_row_tile(g, count, buffers.cols, [&](int64_t first, const ConvGeometry& tile,
                                                   const at::Tensor& cols) {
       backend.im2col(x.narrow(0, n0, count), cols, tile);

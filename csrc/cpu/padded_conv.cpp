@@ -52,13 +52,13 @@ void scatter_add_plane(const T* src, const int32_t* index, T* dst, int64_t n) {
 // Empty otherwise, or when the plane does not fit 32-bit offsets.
 constexpr int64_t kShortRow = 8;
 
-std::vector<int32_t> plane_table(const ConvGeometry& g) {
+// rows / columns: source_table of the height / width axis.
+std::vector<int32_t> plane_table(const ConvGeometry& g, const std::vector<int64_t>& rows,
+                                 const std::vector<int64_t>& columns) {
   if (g.w.stride == 1 || g.w.out_size > kShortRow ||
       g.input_plane() > std::numeric_limits<int32_t>::max()) {
     return {};
   }
-  const std::vector<int64_t> rows = source_table(g.h, g.mode);
-  const std::vector<int64_t> columns = source_table(g.w, g.mode);
   const int64_t out_h = g.h.out_size, out_w = g.w.out_size;
   std::vector<int32_t> table(g.h.kernel * g.w.kernel * g.out_plane());
   int32_t* entry = table.data();
@@ -94,6 +94,13 @@ Interior interior(const Axis& a, int64_t k) {
   return Interior{begin, end, shift};
 }
 
+// interior() of every tap of the axis, computed once per call.
+std::vector<Interior> interiors(const Axis& a) {
+  std::vector<Interior> all;
+  for (int64_t k = 0; k < a.kernel; ++k) all.push_back(interior(a, k));
+  return all;
+}
+
 // cols: (C*KH*KW, batch, Ho*Wo), the layout of conv_geometry.h's batched
 // columns, so one GEMM covers every sample of the call.
 template <typename T>
@@ -103,7 +110,8 @@ void im2col_kernel(const T* input, T* cols, int64_t batch, const ConvGeometry& g
   const int64_t kh_count = g.h.kernel, kw_count = g.w.kernel;
   const int64_t out_h = g.h.out_size, out_w = g.w.out_size;
   const int64_t plane = g.input_plane();
-  const std::vector<int32_t> table = plane_table(g);
+  const std::vector<int32_t> table = plane_table(g, rows, columns);
+  const std::vector<Interior> insides = interiors(g.w);
   const int64_t taps = kh_count * kw_count, out_plane = g.out_plane();
   // One task per column row (c, kh, kw, sample): a contiguous out_h x out_w block.
   at::parallel_for(0, g.col_rows() * batch, 16, [&](int64_t begin, int64_t end) {
@@ -120,7 +128,7 @@ void im2col_kernel(const T* input, T* cols, int64_t batch, const ConvGeometry& g
       const int64_t channel = col_row / (kw_count * kh_count);
       const T* src = input + (sample * g.channels + channel) * plane;
       const int64_t* col_src = columns.data() + kw * out_w;
-      const Interior inside = interior(g.w, kw);
+      const Interior& inside = insides[kw];
       const int64_t stride = g.w.stride;
       T* dst = cols + r * out_h * out_w;
       for (int64_t oh = 0; oh < out_h; ++oh, dst += out_w) {
@@ -159,7 +167,8 @@ void col2im_kernel(const T* cols, T* grad_input, int64_t batch, const ConvGeomet
   const int64_t out_h = g.h.out_size, out_w = g.w.out_size, plane = g.out_plane();
   const int64_t taps = g.h.kernel * g.w.kernel;
   const int64_t stride = g.w.stride;
-  const std::vector<int32_t> table = plane_table(g);
+  const std::vector<int32_t> table = plane_table(g, rows, columns);
+  const std::vector<Interior> insides = interiors(g.w);
   // One task per (sample, channel) plane: every input element is written by one task.
   at::parallel_for(0, batch * g.channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bc = begin; bc < end; ++bc) {
@@ -174,7 +183,7 @@ void col2im_kernel(const T* cols, T* grad_input, int64_t batch, const ConvGeomet
           continue;
         }
         const int64_t* col_src = columns.data() + kw * out_w;
-        const Interior inside = interior(g.w, kw);
+        const Interior& inside = insides[kw];
         for (int64_t oh = 0; oh < out_h; ++oh, src += out_w) {
           const int64_t ih = rows[kh * out_h + oh];
           if (ih < 0) continue;
