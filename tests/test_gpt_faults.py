@@ -193,8 +193,11 @@ def checkpoint_on_disk_loads(out) -> int:
 
 def kill_during_write(text, out, steps):
     """Kill inside a checkpoint write: the writer pauses after its first bytes."""
-    proc = start_training(text, out, steps, pause=60.0)
     tmp = out / "ckpt.pt.tmp"
+    # An earlier kill may have landed between a write's end and its rename, leaving
+    # a complete ckpt.pt.tmp; the wait below must see this run's write, not that.
+    tmp.unlink(missing_ok=True)
+    proc = start_training(text, out, steps, pause=60.0)
     deadline = time.monotonic() + 120
     while not (tmp.exists() and tmp.stat().st_size > 0):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
