@@ -48,7 +48,9 @@ def _check(rows, cols, features, reduce, weighted, dtype, device="cpu", tol=None
 
 @pytest.mark.parametrize("reduce", REDUCTIONS)
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("features", [1, 7, 64])
+# 300 float32 features: two 8-vector register blocks of the CPU kernel, a
+# 2-vector block and a 12-column tail (float64: blocks of 8, 8, 8, 8, 5 and 4 columns)
+@pytest.mark.parametrize("features", [1, 7, 64, 300])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_against_reference(reduce, weighted, features, dtype):
     _check(37, 29, features, reduce, weighted, dtype)
@@ -183,6 +185,24 @@ def test_deterministic_for_any_thread_count(reduce):
     results = _results_per_thread_count(
         lambda: _forward_and_grads(rowptr, col, x, values, reduce))
     assert _bitwise_equal(results)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_rows_split_by_cost_cover_every_row(reduce):
+    """The CPU kernel splits rows into ranges of equal edge count (up to 4 per
+    thread): a hub row of 4000 edges, runs of empty rows and 2999 short rows,
+    at 1, 2 and 3 threads, against the reference."""
+    gen = torch.Generator().manual_seed(5)
+    lengths = torch.randint(0, 6, (3000,), generator=gen)
+    lengths[1000:1200] = 0
+    lengths[1500] = 4000
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    col = torch.randint(0, 700, (int(lengths.sum()),), generator=gen)
+    x = torch.randn(700, 37, dtype=torch.float64)
+    values = torch.randn(col.numel(), dtype=torch.float64)
+    ref = reference.spmm(rowptr, col, x, values, reduce)
+    for out in _results_per_thread_count(lambda: pyattn.spmm(rowptr, col, x, values, reduce)):
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
 def test_determinism_check_catches_a_thread_dependent_kernel(monkeypatch):

@@ -12,6 +12,7 @@
 #include <limits>
 #include <vector>
 
+#include "pyattn/cpu_vector.h"
 #include "pyattn/padded_conv.h"
 
 namespace pyattn {
@@ -208,14 +209,6 @@ void col2im_kernel(const T* cols, T* grad_input, int64_t batch, const ConvGeomet
   });
 }
 
-// On x86-64 the weight-gradient kernel below is also compiled for AVX2 and
-// AVX-512 and the clone for the running CPU is picked at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYATTN_X86_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define PYATTN_X86_CLONES
-#endif
-
 // c (m x n) += a (m x k) . b (n x k)^T, kept transposed (c_t, n x m), every
 // c[i][j] summed over k in order within panels of kDepth, panels in order. The
 // weight gradient uses this instead of BLAS: MKL plans its sums by the
@@ -226,20 +219,9 @@ void col2im_kernel(const T* cols, T* grad_input, int64_t batch, const ConvGeomet
 // Register-blocked outer products: `a` is packed transposed (k x m, m padded to
 // whole vectors), and a block of rows of b by up to kVectorsA vectors of a's
 // columns is accumulated in registers: per k, V vector loads and R broadcasts
-// feed R * V fused multiply-adds. GCC vector types: zmm in the AVX-512 clone,
-// ymm pairs in the AVX2 one, SSE otherwise.
-template <typename T>
-struct LaneVector;
-template <>
-struct LaneVector<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct LaneVector<double> {
-  typedef double type __attribute__((vector_size(64)));
-};
-template <typename T>
-using Lanes = typename LaneVector<T>::type;
+// feed R * V fused multiply-adds. GCC vector types (pyattn/cpu_vector.h): zmm
+// in the AVX-512 clone, ymm pairs in the AVX2 one, SSE otherwise; on x86-64 the
+// kernel is compiled for each of these ISAs (PYATTN_X86_CLONES).
 
 // 24 accumulators (AVX-512 has 32 vector registers): kVectorsA vectors of a's
 // columns by 6 rows of b, or, when a has fewer columns, more rows of b.
@@ -256,12 +238,12 @@ __attribute__((always_inline)) inline void outer_block(int64_t k, const T* a_pac
                                                        int64_t lda_packed, int64_t columns,
                                                        const T* b, int64_t ldb, T* c_t,
                                                        int64_t ldc) {
-  constexpr int64_t lanes = sizeof(Lanes<T>) / sizeof(T);
-  Lanes<T> acc[R][V] = {};
+  constexpr int64_t lanes = cpu::kLanes<T>;
+  cpu::Lanes<T> acc[R][V] = {};
   for (int64_t kk = 0; kk < k; ++kk) {
-    Lanes<T> av[V];
+    cpu::Lanes<T> av[V];
     for (int v = 0; v < V; ++v) {
-      std::memcpy(&av[v], a_packed + kk * lda_packed + v * lanes, sizeof(Lanes<T>));
+      cpu::load_lanes(av[v], a_packed + kk * lda_packed + v * lanes);
     }
     for (int r = 0; r < R; ++r) {
       const T scalar = b[r * ldb + kk];
@@ -272,10 +254,9 @@ __attribute__((always_inline)) inline void outer_block(int64_t k, const T* a_pac
     for (int v = 0; v < V; ++v) {
       T* out = c_t + r * ldc + v * lanes;
       if (columns - v * lanes >= lanes) {
-        Lanes<T> current;
-        std::memcpy(&current, out, sizeof(current));
-        current += acc[r][v];
-        std::memcpy(out, &current, sizeof(current));
+        cpu::Lanes<T> current;
+        cpu::load_lanes(current, out);
+        cpu::store_lanes(out, current + acc[r][v]);
       } else {
         for (int64_t l = 0; l < columns - v * lanes; ++l) out[l] += acc[r][v][l];
       }
@@ -321,7 +302,7 @@ template <typename T>
 __attribute__((always_inline)) inline void outer_products(int64_t m, int64_t n, int64_t k,
                                                           const T* a, int64_t lda, const T* b,
                                                           int64_t ldb, T* c_t, int64_t ldc) {
-  constexpr int64_t lanes = sizeof(Lanes<T>) / sizeof(T);
+  constexpr int64_t lanes = cpu::kLanes<T>;
   constexpr int64_t group = kVectorsA * lanes;
   const int64_t padded = (m + lanes - 1) / lanes * lanes;
   static thread_local std::vector<T> a_packed;  // one buffer per thread

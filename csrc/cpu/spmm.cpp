@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "pyattn/cpu_vector.h"
 #include "pyattn/spmm_ops.h"
 
 namespace pyattn {
@@ -33,20 +34,118 @@ c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
 }
 
-// out_row = scale * sum_e w_e x[col[e]], edges in CSR order (w_e = 1 when
-// unweighted: multiplying by 1 is exact, so the result equals a plain sum).
-template <typename T, typename I>
-void sum_row(const I* __restrict__ col, const T* __restrict__ values, const T* __restrict__ x,
-             T* __restrict__ out_row, int64_t first, int64_t last, int64_t features, T scale) {
-  std::fill(out_row, out_row + features, T(0));
+// The sum / mean kernel. Per output row, up to kRowVectors 64-byte vectors of
+// it are accumulated in registers over the row's edges (one pass per such
+// block of features), then scaled and stored once: each x row is read once,
+// the output row written once. Every out[i, f] is summed over the row's edges
+// in CSR order whatever the block, the thread count or the ISA clone, so
+// results are reproducible (the AVX2 / AVX-512 clones fuse w * x + acc into
+// one rounding; unweighted sums round identically in every clone).
+constexpr int kRowVectors = 8;
+
+// out[0, V vectors) = scale * sum_e w_e x[col[e]][0, V vectors), `x` and `out`
+// already offset to the block's first feature.
+template <int V, typename T, typename I>
+__attribute__((always_inline)) inline void sum_block(const I* col, const T* values, const T* x,
+                                                     int64_t features, int64_t first,
+                                                     int64_t last, T scale, T* out) {
+  constexpr int64_t lanes = cpu::kLanes<T>;
+  cpu::Lanes<T> acc[V] = {};
   for (int64_t e = first; e < last; ++e) {
-    const T* __restrict__ x_row = x + static_cast<int64_t>(col[e]) * features;
+    const T* x_row = x + static_cast<int64_t>(col[e]) * features;
+    cpu::Lanes<T> x_v[V];
+    for (int v = 0; v < V; ++v) cpu::load_lanes(x_v[v], x_row + v * lanes);
+    if (values) {
+      const T w = values[e];
+      for (int v = 0; v < V; ++v) acc[v] += w * x_v[v];
+    } else {
+      for (int v = 0; v < V; ++v) acc[v] += x_v[v];
+    }
+  }
+  for (int v = 0; v < V; ++v) cpu::store_lanes(out + v * lanes, acc[v] * scale);
+}
+
+// The last features % lanes columns of a row (fewer than one vector).
+template <typename T, typename I>
+__attribute__((always_inline)) inline void sum_tail(const I* col, const T* values, const T* x,
+                                                    int64_t features, int64_t width,
+                                                    int64_t first, int64_t last, T scale,
+                                                    T* out) {
+  T acc[cpu::kLanes<T>] = {};
+  for (int64_t e = first; e < last; ++e) {
+    const T* x_row = x + static_cast<int64_t>(col[e]) * features;
     const T w = values ? values[e] : T(1);
-    for (int64_t f = 0; f < features; ++f) out_row[f] += w * x_row[f];
+    for (int64_t f = 0; f < width; ++f) acc[f] += w * x_row[f];
   }
-  if (scale != T(1)) {
-    for (int64_t f = 0; f < features; ++f) out_row[f] *= scale;
+  for (int64_t f = 0; f < width; ++f) out[f] = acc[f] * scale;
+}
+
+// Rows [begin, end) of a sum or mean.
+template <typename T, typename I>
+__attribute__((always_inline)) inline void sum_row_range(const I* rowptr, const I* col,
+                                                         const T* values, const T* x,
+                                                         int64_t features, Reduce reduce,
+                                                         int64_t begin, int64_t end, T* out) {
+  constexpr int64_t lanes = cpu::kLanes<T>;
+  const int64_t vectors = features / lanes;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t first = rowptr[i], last = rowptr[i + 1];
+    const T scale = row_scale<T>(last - first, reduce);
+    T* out_row = out + i * features;
+    for (int64_t v0 = 0; v0 < vectors; v0 += kRowVectors) {
+      const int64_t f0 = v0 * lanes;
+      // (explicit cases: a lambda would not be inlined into the ISA clones)
+      switch (std::min<int64_t>(kRowVectors, vectors - v0)) {
+        case 1: sum_block<1>(col, values, x + f0, features, first, last, scale, out_row + f0); break;
+        case 2: sum_block<2>(col, values, x + f0, features, first, last, scale, out_row + f0); break;
+        case 3: sum_block<3>(col, values, x + f0, features, first, last, scale, out_row + f0); break;
+        case 4: sum_block<4>(col, values, x + f0, features, first, last, scale, out_row + f0); break;
+        case 5: sum_block<5>(col, values, x + f0, features, first, last, scale, out_row + f0); break;
+        case 6: sum_block<6>(col, values, x + f0, features, first, last, scale, out_row + f0); break;
+        case 7: sum_block<7>(col, values, x + f0, features, first, last, scale, out_row + f0); break;
+        default: sum_block<8>(col, values, x + f0, features, first, last, scale, out_row + f0);
+      }
+    }
+    const int64_t f0 = vectors * lanes;
+    if (f0 < features) {
+      sum_tail(col, values, x + f0, features, features - f0, first, last, scale, out_row + f0);
+    }
   }
+}
+
+// One clone set per dtype and index type (GCC clones functions, not templates).
+#define PYATTN_SUM_ROWS(T, I)                                                                  \
+  PYATTN_X86_CLONES void sum_rows(const I* rowptr, const I* col, const T* values, const T* x, \
+                                  int64_t features, Reduce reduce, int64_t begin,            \
+                                  int64_t end, T* out) {                                     \
+    sum_row_range(rowptr, col, values, x, features, reduce, begin, end, out);                \
+  }
+PYATTN_SUM_ROWS(float, int32_t)
+PYATTN_SUM_ROWS(float, int64_t)
+PYATTN_SUM_ROWS(double, int32_t)
+PYATTN_SUM_ROWS(double, int64_t)
+#undef PYATTN_SUM_ROWS
+
+// Rows split into about `tasks` ranges of equal cost (edges plus one per row
+// for its output), so a few high-degree rows do not leave a thread idle. The
+// split changes which thread computes a row, never how.
+template <typename I, typename Body>
+void parallel_over_rows(const I* rowptr, int64_t rows, int64_t features, const Body& body) {
+  const int64_t cost = (static_cast<int64_t>(rowptr[rows]) + rows) * std::max<int64_t>(features, 1);
+  constexpr int64_t kTaskCost = 32768;  // multiply-adds worth a task of their own
+  const int64_t tasks = std::clamp<int64_t>(cost / kTaskCost, 1, 4 * at::get_num_threads());
+  // first row of task t: the first row whose cost-so-far reaches t / tasks of the total
+  const auto split = [&](int64_t t) {
+    if (t >= tasks) return rows;
+    const int64_t target = (static_cast<int64_t>(rowptr[rows]) + rows) * t / tasks;
+    int64_t lo = 0, hi = rows;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (static_cast<int64_t>(rowptr[mid]) + mid < target) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  };
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) { body(split(t0), split(t1)); });
 }
 
 template <typename T, typename I>
@@ -61,29 +160,31 @@ void forward_kernel(const at::Tensor& rowptr_t, const at::Tensor& col_t,
   const T* values = values_t.has_value() ? values_t->const_data_ptr<T>() : nullptr;
   const T* x = x_t.const_data_ptr<T>();
   T* out = out_t.mutable_data_ptr<T>();
-  int64_t* arg = is_extremum(reduce) ? arg_t.mutable_data_ptr<int64_t>() : nullptr;
   const int64_t rows = rowptr_t.size(0) - 1, features = x_t.size(1);
-  at::parallel_for(0, rows, row_grain(features), [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> best_edge(arg ? features : 0);
+  if (!is_extremum(reduce)) {
+    parallel_over_rows(rowptr, rows, features, [&](int64_t begin, int64_t end) {
+      sum_rows(rowptr, col, values, x, features, reduce, begin, end, out);
+    });
+    return;
+  }
+  int64_t* arg = arg_t.mutable_data_ptr<int64_t>();
+  parallel_over_rows(rowptr, rows, features, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> best_edge(features);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t first = rowptr[i], last = rowptr[i + 1];
-      T* __restrict__ out_row = out + i * features;
-      if (arg) {
-        std::fill(best_edge.begin(), best_edge.end(), int64_t(-1));
-        for (int64_t e = first; e < last; ++e) {
-          const Acc w = values ? values[e] : Acc(1);
-          const T* x_row = x + static_cast<int64_t>(col[e]) * features;
-          for (int64_t f = 0; f < features; ++f) {
-            reduce_update(reduce, w * x_row[f], e, out_row[f], best_edge[f]);
-          }
-        }
+      T* out_row = out + i * features;
+      std::fill(best_edge.begin(), best_edge.end(), int64_t(-1));
+      for (int64_t e = first; e < last; ++e) {
+        const Acc w = values ? values[e] : Acc(1);
+        const T* x_row = x + static_cast<int64_t>(col[e]) * features;
         for (int64_t f = 0; f < features; ++f) {
-          out_row[f] = reduce_result(reduce, out_row[f], best_edge[f], Acc(1));
-          arg[i * features + f] = best_edge[f];
+          reduce_update(reduce, w * x_row[f], e, out_row[f], best_edge[f]);
         }
-        continue;
       }
-      sum_row(col, values, x, out_row, first, last, features, row_scale<T>(last - first, reduce));
+      for (int64_t f = 0; f < features; ++f) {
+        out_row[f] = reduce_result(reduce, out_row[f], best_edge[f], Acc(1));
+        arg[i * features + f] = best_edge[f];
+      }
     }
   });
 }
