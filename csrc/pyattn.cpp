@@ -45,6 +45,12 @@ TORCH_LIBRARY(pyattn, m) {
   m.def(
       "spmm_csr_edge_grad(Tensor rowptr, Tensor col, Tensor x, Tensor grad_out, str reduce) "
       "-> Tensor");
+  // The transposed CSR (csc_ptr, csc_row, csc_perm) that spmm_csr's backward
+  // reads: csc_perm[k] is the edge at transposed position k; the edges of a
+  // column keep their CSR order (a stable counting sort). Checks the CSR's
+  // contents as it reads them (rowptr from 0 to len(col), non-decreasing; col
+  // in [0, num_cols)). CPU only: on other devices pyattn sorts with torch.
+  m.def("csr_transpose(Tensor rowptr, Tensor col, int num_cols) -> (Tensor, Tensor, Tensor)");
   m.def(
       "spmm_csr_max_backward(Tensor csc_ptr, Tensor csc_row, Tensor csc_perm, Tensor? values, "
       "Tensor x, Tensor arg, Tensor grad_out) -> (Tensor, Tensor)");

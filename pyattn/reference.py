@@ -154,3 +154,15 @@ def spmm(rowptr, col, x, values=None, reduce="sum"):
     if reduce == "mean":
         out = out / lengths.clamp(min=1).to(x.dtype)[:, None]
     return out
+
+
+def csr_transpose(rowptr, col, num_cols):
+    """(csc_ptr, csc_row, csc_perm) of the transposed CSR by a stable sort of the
+    edges by column (pyattn.ops.spmm.csr_transpose's contract)."""
+    rows = torch.repeat_interleave(
+        torch.arange(rowptr.numel() - 1, device=rowptr.device, dtype=rowptr.dtype),
+        rowptr.diff().long(), output_size=col.numel())
+    perm = torch.sort(col, stable=True).indices
+    counts = torch.bincount(col, minlength=num_cols)
+    csc_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(rowptr.dtype)
+    return csc_ptr, rows[perm], perm

@@ -262,6 +262,49 @@ def test_bad_inputs_raise_clear_errors(call, error, match):
         call()
 
 
+# -- the transposed CSR (CPU: C++ counting sort; reference: stable torch sort) --
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("rows, cols, density", [(0, 5, 0.0), (1, 1, 1.0), (7, 113, 0.1),
+                                                 (113, 7, 0.5), (300, 250, 0.05), (6, 9, 0.0)])
+def test_csr_transpose_equals_the_stable_sort(index_dtype, rows, cols, density):
+    """Every output bitwise equal to the reference (dtype included), with empty
+    rows, columns without edges and no edges at all; num_cols beyond the last
+    used column."""
+    rowptr, col = random_csr(rows, cols, density, seed=rows, index_dtype=index_dtype)
+    for num_cols in (cols, cols + 3):
+        ours = csr_transpose(rowptr, col, num_cols)
+        expected = reference.csr_transpose(rowptr, col, num_cols)
+        for name, a, b in zip(("csc_ptr", "csc_row", "csc_perm"), ours, expected):
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_csr_transpose_opcheck():
+    rowptr, col = random_csr(11, 8, 0.3, seed=5)
+    torch.library.opcheck(torch.ops.pyattn.csr_transpose, (rowptr, col, 8))
+    torch.library.opcheck(torch.ops.pyattn.csr_transpose, (rowptr.int(), col.int(), 10))
+
+
+@pytest.mark.parametrize("args, error, match", [
+    ((torch.tensor([0, 2]), torch.tensor([0, 5]), 3), ValueError,
+     r"every `col` entry must be in \[0, num_cols = 3\), got 5 at position 1"),
+    ((torch.tensor([0, 2]), torch.tensor([-1, 0]), 3), ValueError, r"got -1 at position 0"),
+    ((torch.tensor([1, 2]), torch.tensor([0, 1]), 3), ValueError, "`rowptr` must run from 0"),
+    ((torch.tensor([0, 3]), torch.tensor([0, 1]), 3), ValueError, r"len\(col\) = 2"),
+    ((torch.tensor([0, 2, 1, 2]), torch.tensor([0, 1]), 3), ValueError, "non-decreasing"),
+    ((torch.tensor([0, 1]), torch.tensor([0], dtype=torch.int32), 3), TypeError,
+     "`col` must have `rowptr`'s dtype"),
+    ((torch.tensor([0., 1.]), torch.tensor([0]), 3), TypeError, "`rowptr` must be int64"),
+    ((torch.tensor([[0, 1]]), torch.tensor([0]), 3), ValueError, "`rowptr` must be 1-D"),
+    ((torch.tensor([0, 1]), torch.tensor([[0]]), 3), ValueError, "`col` must be 1-D"),
+    ((torch.tensor([0, 0]), torch.tensor([], dtype=torch.long), -1), ValueError,
+     "`num_cols` must be >= 0"),
+])
+def test_csr_transpose_bad_inputs_raise_clear_errors(args, error, match):
+    with pytest.raises(error, match=match):
+        torch.ops.pyattn.csr_transpose(*args)
+
+
 # -- the CUDA launch plan, computed on CPU ------------------------------------
 
 def test_cuda_plan_is_one_launch_whatever_the_graph_size():

@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from pyattn import reference
 from pyattn.ops import autograd_kernel
 
 REDUCTIONS = ("sum", "mean", "max", "min")
@@ -38,15 +39,13 @@ def csr_transpose(rowptr: torch.Tensor, col: torch.Tensor, num_cols: int):
     ``csc_ptr`` / ``csc_row`` keep the index dtype of ``rowptr`` (int32 or
     int64); ``csc_perm[k]`` (int64) is the original edge of transposed position
     ``k``; edges of a column keep their row order (stable), so results are
-    deterministic.
+    deterministic. CPU: one counting sort in C++ (``pyattn::csr_transpose``,
+    which also checks the CSR); other devices: ``reference.csr_transpose``, a
+    stable torch sort.
     """
-    rows = torch.repeat_interleave(
-        torch.arange(rowptr.numel() - 1, device=rowptr.device, dtype=rowptr.dtype),
-        rowptr.diff().long(), output_size=col.numel())
-    perm = torch.sort(col, stable=True).indices
-    counts = torch.bincount(col, minlength=num_cols)
-    csc_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(rowptr.dtype)
-    return csc_ptr, rows[perm], perm
+    if rowptr.device.type == "cpu":
+        return torch.ops.pyattn.csr_transpose(rowptr, col, num_cols)
+    return reference.csr_transpose(rowptr, col, num_cols)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -133,6 +132,13 @@ def _spmm_fake(rowptr, col, values, x, reduce, check, csc_ptr, csc_row, csc_perm
     out = x.new_empty((rows, x.shape[1]))
     arg_shape = (rows, x.shape[1]) if reduce in EXTREMA else (0,)
     return out, x.new_empty(arg_shape, dtype=torch.int64)
+
+
+@torch.library.register_fake("pyattn::csr_transpose")
+def _csr_transpose_fake(rowptr, col, num_cols):
+    edges = col.shape[0]
+    return (rowptr.new_empty((num_cols + 1,)), rowptr.new_empty((edges,)),
+            rowptr.new_empty((edges,), dtype=torch.int64))
 
 
 @torch.library.register_fake("pyattn::spmm_csr_edge_grad")
