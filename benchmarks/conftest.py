@@ -19,6 +19,7 @@ from pyattn.profiling import peak_memory
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROOFLINE = pytest.StashKey[dict]()
+ROUND_BUDGET_S, MAX_ROUNDS = 0.5, 100
 
 
 def synchronized(fn):
@@ -98,14 +99,19 @@ def pytest_terminal_summary(terminalreporter, config):
 
 @pytest.fixture
 def measure(benchmark, roofline):
-    """measure(fn, group, impl, rounds=5): time fn and record its peak memory."""
+    """measure(fn, group, impl, rounds=5): time fn and record its peak memory.
+    ``rounds`` is a minimum: fast cases run as many rounds as fit in
+    ROUND_BUDGET_S (at most MAX_ROUNDS), so that their median is stable."""
     def run(fn, group, impl, rounds=5, **info):
         fn = synchronized(fn)
         if DEVICE.type == "cpu":
             # let BLAS threads that spin after the previous benchmark go to sleep:
             # they would otherwise take the cores from this one's OpenMP threads
             time.sleep(0.5)
+        start = time.perf_counter()
         fn()  # warm up (allocator, kernel caches)
+        once = time.perf_counter() - start
+        rounds = max(rounds, min(MAX_ROUNDS, int(ROUND_BUDGET_S / max(once, 1e-6))))
         benchmark.group = group
         benchmark.extra_info.update(info, impl=impl, device=str(DEVICE),
                                     peak_memory_mb=peak_memory(fn, DEVICE) / 2**20)

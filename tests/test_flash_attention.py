@@ -144,6 +144,16 @@ def test_cpp_head_dims(dim):
     _check_against_reference(q, k, v, True, "cpp")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("seq_q, seq_k", [(1, 130), (65, 130)])
+def test_cpp_single_query_tiles(dtype, seq_q, seq_k):
+    """Tiles of one query: decode (seq_q = 1) and the last tile of 65 queries,
+    with grouped heads and a head_dim that is not a multiple of 16."""
+    q, k, v = _inputs(2, 4, 2, seq_q, seq_k, 72, dtype)
+    for causal in (False, True):
+        _check_against_reference(q, k, v, causal, "cpp")
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_cpp_non_contiguous_inputs_and_grad(causal):
     # (batch, seq, heads, dim) transposed, and a head_dim stride that is not 1.

@@ -195,7 +195,7 @@ void gemm_visible_queries(const Problem& p, int64_t i0, int64_t rows, int64_t j0
 // blocks of 4 draws; the loop over blocks is branch-free and vectorises.
 static_assert(kBlockK % 4 == 0, "dropout draws come in blocks of 4 keys");
 template <typename Acc>
-PYATTN_CPU_CLONES void dropout_row(const Problem& p, int64_t bh, int64_t i, int64_t j0, int64_t n,
+PYATTN_X86_CLONES void dropout_row(const Problem& p, int64_t bh, int64_t i, int64_t j0, int64_t n,
                                    Acc kept, Acc* keep) {
   uint32_t draws[kBlockK];
   const int64_t blocks = (n + 3) / 4;

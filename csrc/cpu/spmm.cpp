@@ -82,10 +82,9 @@ __attribute__((always_inline)) inline void sum_tail(const I* col, const T* value
 
 // Rows [begin, end) of a sum or mean.
 template <typename T, typename I>
-__attribute__((always_inline)) inline void sum_row_range(const I* rowptr, const I* col,
-                                                         const T* values, const T* x,
-                                                         int64_t features, Reduce reduce,
-                                                         int64_t begin, int64_t end, T* out) {
+PYATTN_X86_CLONES void sum_rows(const I* rowptr, const I* col, const T* values, const T* x,
+                                int64_t features, Reduce reduce, int64_t begin, int64_t end,
+                                T* out) {
   constexpr int64_t lanes = cpu::kLanes<T>;
   const int64_t vectors = features / lanes;
   for (int64_t i = begin; i < end; ++i) {
@@ -112,19 +111,6 @@ __attribute__((always_inline)) inline void sum_row_range(const I* rowptr, const 
     }
   }
 }
-
-// One clone set per dtype and index type (GCC clones functions, not templates).
-#define PYATTN_SUM_ROWS(T, I)                                                                  \
-  PYATTN_X86_CLONES void sum_rows(const I* rowptr, const I* col, const T* values, const T* x, \
-                                  int64_t features, Reduce reduce, int64_t begin,            \
-                                  int64_t end, T* out) {                                     \
-    sum_row_range(rowptr, col, values, x, features, reduce, begin, end, out);                \
-  }
-PYATTN_SUM_ROWS(float, int32_t)
-PYATTN_SUM_ROWS(float, int64_t)
-PYATTN_SUM_ROWS(double, int32_t)
-PYATTN_SUM_ROWS(double, int64_t)
-#undef PYATTN_SUM_ROWS
 
 // Rows split into about `tasks` ranges of equal cost (edges plus one per row
 // for its output), so a few high-degree rows do not leave a thread idle. The

@@ -7,6 +7,8 @@
 #include <cstring>
 #include <limits>
 
+#include "pyattn/cpu_vector.h"
+
 extern "C" {
 // Fortran BLAS, LP64 (32-bit int) interface, column-major.
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -70,16 +72,11 @@ inline float exp_of(float x) { return exp_approx(x); }
 inline double exp_of(double x) { return std::exp(x); }
 
 // Row loops of the softmax, built for AVX-512, AVX2 and baseline x86-64 and
-// picked at load time (the extension itself is compiled for the baseline).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYATTN_CPU_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
-#else
-#define PYATTN_CPU_CLONES
-#endif
+// picked at load time (PYATTN_X86_CLONES, pyattn/cpu_vector.h).
 
 // max(s[0..n)), -inf for n = 0.
 template <typename T>
-PYATTN_CPU_CLONES inline T row_max(const T* s, int64_t n) {
+PYATTN_X86_CLONES inline T row_max(const T* s, int64_t n) {
   T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t c = 0; c < n; ++c) m = s[c] > m ? s[c] : m;
@@ -87,7 +84,7 @@ PYATTN_CPU_CLONES inline T row_max(const T* s, int64_t n) {
 }
 
 // s[c] = exp(s[c] - shift) for c < n; returns the sum.
-PYATTN_CPU_CLONES inline float exp_shifted_sum(float* s, int64_t n, float shift) {
+PYATTN_X86_CLONES inline float exp_shifted_sum(float* s, int64_t n, float shift) {
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t c = 0; c < n; ++c) {
@@ -109,7 +106,7 @@ inline double exp_shifted_sum(double* s, int64_t n, double shift) {
 // Whether all of rows x cols values (row stride ld) are finite: x * 0 is 0
 // for finite x and NaN for NaN and +-Inf, so one branch-free sum decides.
 template <typename T>
-PYATTN_CPU_CLONES inline bool all_finite(const T* a, int64_t rows, int64_t ld, int64_t cols) {
+PYATTN_X86_CLONES inline bool all_finite(const T* a, int64_t rows, int64_t ld, int64_t cols) {
   T sum = 0;
   for (int64_t r = 0; r < rows; ++r) {
     const T* row = a + r * ld;
@@ -128,7 +125,7 @@ inline bool has_nan(const T* s, int64_t n) {
 }
 
 // p[c] = exp(s[c] - lse); s[c] = p[c] * (dp[c] - delta) for c < n.
-PYATTN_CPU_CLONES inline void softmax_grad_row(float* s, float* p, const float* dp, int64_t n,
+PYATTN_X86_CLONES inline void softmax_grad_row(float* s, float* p, const float* dp, int64_t n,
                                                float lse, float delta) {
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) {
@@ -148,7 +145,7 @@ inline void softmax_grad_row(double* s, double* p, const double* dp, int64_t n, 
 // With dropout scale z (keep / (1 - p)): p[c] = exp(s[c] - lse) * z[c] and
 // s[c] = exp(s[c] - lse) * (dp[c] * z[c] - delta) for c < n.
 template <typename T>
-PYATTN_CPU_CLONES inline void softmax_dropout_grad_row(T* s, T* p, const T* dp, const T* z,
+PYATTN_X86_CLONES inline void softmax_dropout_grad_row(T* s, T* p, const T* dp, const T* z,
                                                        int64_t n, T lse, T delta) {
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) {
@@ -157,5 +154,6 @@ PYATTN_CPU_CLONES inline void softmax_dropout_grad_row(T* s, T* p, const T* dp, 
     p[c] = prob * z[c];
   }
 }
+
 
 }  // namespace pyattn::cpu
