@@ -200,7 +200,35 @@ std::tuple<at::Tensor, at::Tensor> spmm_csr_cpu(
   return {out, arg};
 }
 
-// d out / d values[e] = <grad_out[row(e)], x[col[e]]> * row_scale.
+// d out / d values[e] = <grad_out[row(e)], x[col[e]]> * row_scale, for the
+// edges of rows [begin, end): each dot in lane-wise partial sums over whole
+// vectors of F, the lanes added in order, then the last F % lanes products.
+template <typename T, typename I>
+PYATTN_X86_CLONES void edge_grad_rows(const I* rowptr, const I* col, const T* x, const T* grad,
+                                      int64_t features, Reduce reduce, int64_t begin,
+                                      int64_t end, T* out) {
+  constexpr int64_t lanes = cpu::kLanes<T>;
+  const int64_t whole = features / lanes * lanes;
+  for (int64_t i = begin; i < end; ++i) {
+    const T scale = row_scale<T>(rowptr[i + 1] - rowptr[i], reduce);
+    const T* g_row = grad + i * features;
+    for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e) {
+      const T* x_row = x + static_cast<int64_t>(col[e]) * features;
+      cpu::Lanes<T> partial = {};
+      for (int64_t f = 0; f < whole; f += lanes) {
+        cpu::Lanes<T> g_v, x_v;
+        cpu::load_lanes(g_v, g_row + f);
+        cpu::load_lanes(x_v, x_row + f);
+        partial += g_v * x_v;
+      }
+      T dot = 0;
+      for (int64_t l = 0; l < lanes; ++l) dot += partial[l];
+      for (int64_t f = whole; f < features; ++f) dot += g_row[f] * x_row[f];
+      out[e] = dot * scale;
+    }
+  }
+}
+
 at::Tensor spmm_csr_edge_grad_cpu(const at::Tensor& rowptr, const at::Tensor& col,
                                   const at::Tensor& x_in, const at::Tensor& grad_in,
                                   c10::string_view reduce_name) {
@@ -214,26 +242,14 @@ at::Tensor spmm_csr_edge_grad_cpu(const at::Tensor& rowptr, const at::Tensor& co
   at::Tensor out = at::empty({col.size(0)}, x.options());
   AT_DISPATCH_INDEX_TYPES(ptr.scalar_type(), "spmm_csr_edge_grad_cpu", [&] {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spmm_csr_edge_grad_cpu", [&] {
-      using Acc = at::opmath_type<scalar_t>;
       const index_t* p = ptr.const_data_ptr<index_t>();
       const index_t* c = idx.const_data_ptr<index_t>();
       const scalar_t* xs = x.const_data_ptr<scalar_t>();
       const scalar_t* g = grad.const_data_ptr<scalar_t>();
       scalar_t* o = out.mutable_data_ptr<scalar_t>();
       const int64_t features = x.size(1);
-      at::parallel_for(0, ptr.size(0) - 1, row_grain(features), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const Acc scale = row_scale<Acc>(p[i + 1] - p[i], reduce);
-          const scalar_t* g_row = g + i * features;
-          for (int64_t e = p[i]; e < p[i + 1]; ++e) {
-            const scalar_t* x_row = xs + static_cast<int64_t>(c[e]) * features;
-            Acc dot = 0;
-            for (int64_t f = 0; f < features; ++f) {
-              dot += static_cast<Acc>(g_row[f]) * static_cast<Acc>(x_row[f]);
-            }
-            o[e] = static_cast<scalar_t>(dot * scale);
-          }
-        }
+      parallel_over_rows(p, ptr.size(0) - 1, features, [&](int64_t begin, int64_t end) {
+        edge_grad_rows(p, c, xs, g, features, reduce, begin, end, o);
       });
     });
   });

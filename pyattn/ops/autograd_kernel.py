@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from torch.autograd import forward_ad
 from torch._functorch.autograd_function import enable_single_level_autograd_function
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
@@ -37,12 +38,23 @@ def register(function: type, dispatch_keys: Sequence[str] = ("Autograd",)) -> No
     """Make `function` the autograd kernel of its op for `dispatch_keys`
     (``AutogradCPU`` / ``AutogradCUDA`` take precedence over an ``Autograd``
     kernel an op already has, e.g. the one of a ``triton_op``)."""
+    op = getattr(torch.ops.pyattn, function.op_name).default
+
     def autograd_kernel(*args):
+        interpreters = retrieve_all_functorch_interpreters()
+        if not interpreters and forward_ad._current_level < 0 and not (
+                torch.is_grad_enabled()
+                and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+            # Nothing to record (no input needs a gradient, no dual level or
+            # torch.func transform that could carry a tangent): run the op
+            # directly, without the Function's per-call cost (~15 us).
+            with torch._C._AutoDispatchBelowAutograd():
+                return op(*args)
         # The C++ apply, not autograd.Function.apply: under torch.func transforms
         # the latter would re-enter the dispatcher as a higher-order op, but this
         # kernel already runs below the transforms (on their unwrapped tensors),
         # where autograd's own reverse and forward mode are what is needed.
-        if len(retrieve_all_functorch_interpreters()) > 1:
+        if len(interpreters) > 1:
             # One torch.func level works (its tensors are unwrapped once before this
             # kernel runs); with nested levels the outer tangents would be dropped.
             raise NotImplementedError(
