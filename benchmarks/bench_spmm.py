@@ -1,8 +1,9 @@
 """spmm (sum, mean) vs torch.sparse.mm on a CSR tensor, vs index_add (scatter),
-vs dense mm where it fits; Cora (the shipped data/planetoid) and synthetic
-power-law graphs; forward and forward+backward; time, peak memory and achieved
-GB/s (bytes of the CSR, the gathered feature rows and the output; on GPU also
-as a fraction of the device's measured copy bandwidth).
+vs dense mm where it fits; csr_transpose vs a stable torch sort; Cora (the
+shipped data/planetoid) and synthetic power-law graphs; forward and
+forward+backward; time, peak memory and achieved GB/s (bytes of the CSR, the
+gathered feature rows and the output; on GPU also as a fraction of the
+device's measured copy bandwidth).
 
 Two forward+backward rows per case, so like is compared with like:
 ``forward+backward`` gives pyattn the transposed CSR built once outside the
@@ -12,7 +13,8 @@ timed region (what a cached :class:`pyattn.graph.Graph` pays), while
 
 Cases whose estimated device memory exceeds ~10 GB skip (the scatter baseline
 gathers E x F terms: 51 GB at n = 1e6, degree 50, F = 256). Each graph is built
-once per session. ``-k headline``: a few cheap GPU cases for gpu_check.sh.
+once per session. ``-k headline``: a few cheap GPU cases for gpu_check.sh;
+``-k csr_transpose``: the transpose alone.
 
     python -m pytest benchmarks/bench_spmm.py --benchmark-only
 """
@@ -165,3 +167,21 @@ def test_headline_mean(measure, graph, passes, impl):
     rowptr, col = power_law_graph(nodes, degree)
     run_case(measure, rowptr, col, features, "mean", passes, impl,
              f"headline power-law n={nodes:.0e} deg={degree}")
+
+
+TRANSPOSE_GRAPHS = [(10_000, 50), (100_000, 16), (1_000_000, 10)]
+
+
+@pytest.mark.parametrize("impl", ["pyattn", "torch_sort"])
+@pytest.mark.parametrize("graph", TRANSPOSE_GRAPHS, ids=[f"n{n}-d{d}" for n, d in TRANSPOSE_GRAPHS])
+def test_csr_transpose(measure, graph, impl):
+    """csr_transpose (the CPU counting sort; on GPU the torch sort itself) against
+    the stable torch sort it replaces (reference.csr_transpose)."""
+    nodes, degree = graph
+    rowptr, col = (t.to(DEVICE) for t in power_law_graph(nodes, degree))
+    build = pyattn.ops.spmm.csr_transpose if impl == "pyattn" else reference.csr_transpose
+    edges = col.numel()
+    # reads rowptr and col, writes csc_ptr, csc_row and csc_perm (int64)
+    moved = (nodes + 1) * 8 * 2 + edges * (8 + 8 + 8)
+    measure(lambda: build(rowptr, col, nodes), f"csr_transpose power-law n={nodes:.0e} deg={degree}",
+            impl, rounds=3 if edges > 5e6 else 5, bytes=moved)
