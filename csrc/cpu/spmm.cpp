@@ -117,13 +117,14 @@ PYATTN_X86_CLONES void sum_rows(const I* rowptr, const I* col, const T* values, 
 // split changes which thread computes a row, never how.
 template <typename I, typename Body>
 void parallel_over_rows(const I* rowptr, int64_t rows, int64_t features, const Body& body) {
-  const int64_t cost = (static_cast<int64_t>(rowptr[rows]) + rows) * std::max<int64_t>(features, 1);
+  const int64_t total = static_cast<int64_t>(rowptr[rows]) + rows;  // edges + rows
   constexpr int64_t kTaskCost = 32768;  // multiply-adds worth a task of their own
-  const int64_t tasks = std::clamp<int64_t>(cost / kTaskCost, 1, 4 * at::get_num_threads());
+  const int64_t tasks = std::clamp<int64_t>(total * std::max<int64_t>(features, 1) / kTaskCost,
+                                            1, 4 * at::get_num_threads());
   // first row of task t: the first row whose cost-so-far reaches t / tasks of the total
   const auto split = [&](int64_t t) {
     if (t >= tasks) return rows;
-    const int64_t target = (static_cast<int64_t>(rowptr[rows]) + rows) * t / tasks;
+    const int64_t target = total * t / tasks;
     int64_t lo = 0, hi = rows;
     while (lo < hi) {
       const int64_t mid = lo + (hi - lo) / 2;

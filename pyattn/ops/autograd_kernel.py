@@ -47,7 +47,7 @@ def register(function: type, dispatch_keys: Sequence[str] = ("Autograd",)) -> No
                 and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
             # Nothing to record (no input needs a gradient, no dual level or
             # torch.func transform that could carry a tangent): run the op
-            # directly, without the Function's per-call cost (~15 us).
+            # directly, without the Function's per-call cost (measured: 7-9 us).
             with torch._C._AutoDispatchBelowAutograd():
                 return op(*args)
         # The C++ apply, not autograd.Function.apply: under torch.func transforms

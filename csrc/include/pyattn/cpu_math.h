@@ -155,5 +155,4 @@ PYATTN_X86_CLONES inline void softmax_dropout_grad_row(T* s, T* p, const T* dp, 
   }
 }
 
-
 }  // namespace pyattn::cpu
