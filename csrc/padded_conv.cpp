@@ -18,6 +18,8 @@
 
 #include <algorithm>
 
+#include "pyattn/sequential_blas.h"
+
 namespace pyattn {
 namespace {
 
@@ -199,6 +201,7 @@ void for_each_chunk(const ConvProblem& p, const at::TensorOptions& options, int6
   const at::Tensor gathered =
       at::empty({threads, samples > 1 ? samples * p.out_channels * g.out_plane() : 0}, options);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const cpu::SequentialBlas sequential_blas;  // this worker's GEMMs, planned for one thread
     const int64_t thread = at::get_thread_num();
     const ChunkBuffers buffers{cols.select(0, thread), gathered.select(0, thread)};
     for (int64_t block = begin; block < end; ++block) {

@@ -134,7 +134,8 @@ def test_cpp_float32_error_within_2x_of_sdpa_long(causal, dim):
 @pytest.mark.parametrize("causal", [False, True])
 def test_cpp_backward_both_schedules(batch, heads, kv_heads, causal):
     # batch * kv_heads < 8: two passes over finer tasks; >= 8: one fused pass.
-    q, k, v = _inputs(batch, heads, kv_heads, 150, 90, 32, torch.float64)
+    # 150 x 300: 2 x 3 backward tiles (128 x 128), 2 x 2 forward (128 x 256).
+    q, k, v = _inputs(batch, heads, kv_heads, 150, 300, 32, torch.float64)
     _check_against_reference(q, k, v, causal, "cpp")
 
 
@@ -145,10 +146,11 @@ def test_cpp_head_dims(dim):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("seq_q, seq_k", [(1, 130), (65, 130)])
+@pytest.mark.parametrize("seq_q, seq_k", [(1, 300), (129, 300)])
 def test_cpp_single_query_tiles(dtype, seq_q, seq_k):
-    """Tiles of one query: decode (seq_q = 1) and the last tile of 65 queries,
-    with grouped heads and a head_dim that is not a multiple of 16."""
+    """Tiles of one query: decode (seq_q = 1) and the last tile of 129 queries
+    (tiles of 128), over several key tiles, with grouped heads and a head_dim
+    that is not a multiple of 16."""
     q, k, v = _inputs(2, 4, 2, seq_q, seq_k, 72, dtype)
     for causal in (False, True):
         _check_against_reference(q, k, v, causal, "cpp")
@@ -308,8 +310,9 @@ def _assert_same_on_every_thread_count(fn):
 
 @pytest.mark.parametrize("batch, heads, kv_heads", [(2, 4, 2), (8, 2, 1)])  # both backward schedules
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
-def test_cpp_is_deterministic_across_thread_counts(batch, heads, kv_heads, dropout_p):
-    q, k, v = _inputs(batch, heads, kv_heads, 150, 170, 32, torch.float32)
+@pytest.mark.parametrize("dim", [32, 128])  # MKL's own blocking at 128 depended on the thread count
+def test_cpp_is_deterministic_across_thread_counts(batch, heads, kv_heads, dropout_p, dim):
+    q, k, v = _inputs(batch, heads, kv_heads, 150, 170, dim, torch.float32)
     grad = torch.randn_like(q)
     _assert_same_on_every_thread_count(lambda: _run(
         lambda *a, **kw: pyattn.flash_attention(
@@ -376,43 +379,46 @@ def _check_against_visible_only(q, k, v, causal, grad=None):
                                    msg=lambda m: f"{name}: {m}")
 
 
-# (tensor, position along seq, value): seq 70 spans two 64-wide tiles, so these
-# masked positions sit in tiles that straddle the causal diagonal.
-POISON = [("v", 66, "nan"), ("v", 30, "inf"), ("k", 40, "nan"), ("k", 66, "-inf"),
-          ("q", 10, "nan"), ("q", 65, "inf"), ("v", 0, "nan"), ("k", 69, "inf")]
+# (tensor, position along seq, value) at seq 300, which spans 3 x 2 forward tiles
+# (128 queries x 256 keys) and 3 x 3 backward tiles (128 x 128): these masked
+# positions sit in tiles that straddle the causal diagonal (v 30, k 140, v 266)
+# and in tiles that are wholly masked for some queries (v 266, k 266, k 299).
+SEQ = 300
+POISON = [("v", 266, "nan"), ("v", 30, "inf"), ("k", 140, "nan"), ("k", 266, "-inf"),
+          ("q", 10, "nan"), ("q", 265, "inf"), ("v", 0, "nan"), ("k", 299, "inf")]
 
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("name, pos, value", POISON, ids=[f"{n}{p}{v}" for n, p, v in POISON])
 def test_cpp_nan_inf_match_visible_only_reference(name, pos, value, causal):
     dtype = (torch.float64, torch.float32)[POISON.index((name, pos, value)) % 2]
-    tensors = dict(zip("qkv", _inputs(1, 2, 1, 70, 70, 16, dtype)))
+    tensors = dict(zip("qkv", _inputs(1, 2, 1, SEQ, SEQ, 16, dtype)))
     tensors[name][:, :, pos, 3] = float(value)
     _check_against_visible_only(tensors["q"], tensors["k"], tensors["v"], causal)
 
 
 def test_cpp_future_nan_does_not_leak_into_earlier_rows():
-    q, k, v = _inputs(1, 1, 1, 70, 70, 16, torch.float32)
-    v[:, :, 66] = float("nan")
-    k[:, :, 67] = float("nan")
+    q, k, v = _inputs(1, 1, 1, SEQ, SEQ, 16, torch.float32)
+    v[:, :, 266] = float("nan")
+    k[:, :, 267] = float("nan")
     out = pyattn.flash_attention(q, k, v, causal=True)
-    assert torch.isfinite(out[:, :, :66]).all() and torch.isnan(out[:, :, 66:]).all()
+    assert torch.isfinite(out[:, :, :266]).all() and torch.isnan(out[:, :, 266:]).all()
     q[:, :, 5] = float("nan")  # a NaN query gives a NaN row, as PyTorch's math attention
     out = pyattn.flash_attention(q, k, v, causal=True)
-    assert torch.isnan(out[:, :, 5]).all() and torch.isfinite(out[:, :, 6:66]).all()
+    assert torch.isnan(out[:, :, 5]).all() and torch.isfinite(out[:, :, 6:266]).all()
 
 
 def test_cpp_nan_in_upstream_gradient_stays_in_its_rows():
-    q, k, v = _inputs(1, 2, 1, 70, 70, 16, torch.float64)
+    q, k, v = _inputs(1, 2, 1, SEQ, SEQ, 16, torch.float64)
     grad = torch.randn(q.shape, dtype=torch.float64)
-    grad[:, :, 20, 1] = float("nan")  # reaches keys 0..20 only
+    grad[:, :, 140, 1] = float("nan")  # reaches keys 0..140 only
     _check_against_visible_only(q, k, v, True, grad)
 
 
 def test_visible_only_check_catches_a_leaking_kernel(monkeypatch):
     # The plain GEMM over a whole diagonal tile (0 * NaN) fails the check.
-    q, k, v = _inputs(1, 2, 1, 70, 70, 16, torch.float64)
-    v[:, :, 66, 3] = float("nan")
+    q, k, v = _inputs(1, 2, 1, SEQ, SEQ, 16, torch.float64)
+    v[:, :, 266, 3] = float("nan")
     leaking = lambda q, k, v, causal: reference.attention(q, k, v, causal)[0]
     monkeypatch.setattr(pyattn, "flash_attention", leaking)
     with pytest.raises(AssertionError):

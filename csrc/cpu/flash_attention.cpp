@@ -2,7 +2,9 @@
 // queries stream over tiles of keys and values with an online softmax, so only
 // the row log-sum-exp (O(seq)) is kept for backward; the backward recomputes
 // the probabilities tile by tile. No seq_q x seq_k buffer is ever allocated:
-// each thread holds one kBlockQ x kBlockK tile.
+// each thread holds a few tiles of queries x keys.
+//
+// Every BLAS call is made by a worker planned for one thread (SequentialBlas).
 //
 // Forward: parallel over (batch, head, query tile). Backward: one pass per
 // (batch, kv head) when there are enough of them, else dq over (batch, head,
@@ -36,12 +38,20 @@
 #include "pyattn/attention_tiles.h"
 #include "pyattn/cpu_math.h"
 #include "pyattn/philox.h"
+#include "pyattn/sequential_blas.h"
 
 namespace pyattn {
 namespace {
 
-constexpr int64_t kBlockQ = 64;
-constexpr int64_t kBlockK = 64;
+// Tiles of queries x keys. Each tile is a few BLAS calls, whose packing and
+// set-up 64 x 64 tiles did not amortise: the forward without a causal mask ran
+// at 0.72-0.81x of SDPA's flash kernel with them, 0.87-0.98x at 128 x 256 (2
+// cores, seq 256-4096, head_dim 64 / 128, same process). The backward keeps
+// three tiles of scratch per thread, so its tiles are smaller. Fixed, so
+// results do not depend on the thread count.
+constexpr int64_t kForwardBlockQ = 128, kForwardBlockK = 256;
+constexpr int64_t kBackwardBlockQ = 128, kBackwardBlockK = 128;
+constexpr int64_t kMaxBlockK = std::max(kForwardBlockK, kBackwardBlockK);
 // Backward in one pass when there are at least this many (batch, kv head)
 // pairs to spread over threads. Chosen by shape alone, so results do not
 // depend on the thread count.
@@ -53,6 +63,7 @@ struct Problem {
   double scale;
   double dropout_p;
   uint64_t seed, keep_threshold;  // dropout: kept iff the Philox draw >= keep_threshold
+  int64_t block_q, block_k;  // tile of queries x keys: kForwardBlock* or kBackwardBlock*
   bool dropout() const { return dropout_p > 0; }
 };
 
@@ -89,7 +100,8 @@ at::Tensor with_unit_last_stride(const at::Tensor& t) {
   return usable ? t : t.contiguous();
 }
 
-Problem check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+// The problem of the forward (backward = false) or backward kernel, checked.
+Problem check_inputs(const char* op, bool backward, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, bool causal, double scale, double dropout_p,
                      int64_t seed) {
   TORCH_CHECK_VALUE(q.dim() == 4, op, ": `q` must be a 4-D tensor (batch, heads, seq_q, head_dim), "
@@ -127,7 +139,9 @@ Problem check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
   return Problem{q.size(0), q.size(1),  k.size(1), q.size(2),
                  k.size(2), dim,        causal,    scale,
                  dropout_p, static_cast<uint64_t>(seed),
-                 dropout_p > 0 ? dropout_threshold(dropout_p) : 0};
+                 dropout_p > 0 ? dropout_threshold(dropout_p) : 0,
+                 backward ? kBackwardBlockQ : kForwardBlockQ,
+                 backward ? kBackwardBlockK : kForwardBlockK};
 }
 
 // Keys [0, end) that some query of the tile [i0, i0 + rows) sees.
@@ -154,50 +168,51 @@ bool straddles_diagonal(const Problem& p, int64_t i0, int64_t j0, int64_t cols) 
 }
 
 // C (rows x dim, ldc) += alpha * A B over visible pairs: row r of A (rows x cols,
-// lda kBlockK, 0 at masked pairs) meets rows [0, limit_r) of B (cols x dim).
+// lda p.block_k, 0 at masked pairs) meets rows [0, limit_r) of B (cols x dim).
 // For P V and dS K. A plain GEMM unless B holds a NaN or Inf where A is masked.
 template <typename Acc>
 void gemm_visible_keys(const Problem& p, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
                        Acc alpha, const Acc* a, const Acc* b, int64_t ldb, Acc* c, int64_t ldc) {
   if (!straddles_diagonal(p, i0, j0, cols) || cpu::all_finite(b, cols, ldb, p.dim)) {
-    cpu::gemm<Acc>(false, false, rows, p.dim, cols, alpha, a, kBlockK, b, ldb, Acc(1), c, ldc);
+    cpu::gemm<Acc>(false, false, rows, p.dim, cols, alpha, a, p.block_k, b, ldb, Acc(1), c, ldc);
     return;
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t limit = row_limit(p, i0 + r, j0, cols);
     if (limit == 0) continue;
-    cpu::gemm<Acc>(false, false, 1, p.dim, limit, alpha, a + r * kBlockK, kBlockK, b, ldb,
+    cpu::gemm<Acc>(false, false, 1, p.dim, limit, alpha, a + r * p.block_k, p.block_k, b, ldb,
                    Acc(1), c + r * ldc, ldc);
   }
 }
 
 // C (cols x dim, ldc) += alpha * A^T B over visible pairs: column c of A (rows x
-// cols, lda kBlockK, 0 at masked pairs) meets the rows of B (rows x dim) whose
+// cols, lda p.block_k, 0 at masked pairs) meets the rows of B (rows x dim) whose
 // queries see key j0 + c. For P^T dO and dS^T Q.
 template <typename Acc>
 void gemm_visible_queries(const Problem& p, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
                           Acc alpha, const Acc* a, const Acc* b, int64_t ldb, Acc* c,
                           int64_t ldc) {
   if (!straddles_diagonal(p, i0, j0, cols) || cpu::all_finite(b, rows, ldb, p.dim)) {
-    cpu::gemm<Acc>(true, false, cols, p.dim, rows, alpha, a, kBlockK, b, ldb, Acc(1), c, ldc);
+    cpu::gemm<Acc>(true, false, cols, p.dim, rows, alpha, a, p.block_k, b, ldb, Acc(1), c, ldc);
     return;
   }
   for (int64_t col = 0; col < cols; ++col) {
     const int64_t first = first_row_seeing(p, i0, rows, j0 + col);
     if (first == rows) continue;
-    cpu::gemm<Acc>(true, false, 1, p.dim, rows - first, alpha, a + first * kBlockK + col,
-                   kBlockK, b + first * ldb, ldb, Acc(1), c + col * ldc, ldc);
+    cpu::gemm<Acc>(true, false, 1, p.dim, rows - first, alpha, a + first * p.block_k + col,
+                   p.block_k, b + first * ldb, ldb, Acc(1), c + col * ldc, ldc);
   }
 }
 
 // keep[c] = kept if element (bh, i, j0 + c) survives dropout, else 0, for c < n.
-// j0 is a multiple of 4 (tiles are kBlockK wide), so the row is whole Philox
+// j0 is a multiple of 4 (tiles are a multiple of 4 keys wide), so the row is whole Philox
 // blocks of 4 draws; the loop over blocks is branch-free and vectorises.
-static_assert(kBlockK % 4 == 0, "dropout draws come in blocks of 4 keys");
+static_assert(kForwardBlockK % 4 == 0 && kBackwardBlockK % 4 == 0,
+              "dropout draws come in blocks of 4 keys");
 template <typename Acc>
 PYATTN_X86_CLONES void dropout_row(const Problem& p, int64_t bh, int64_t i, int64_t j0, int64_t n,
                                    Acc kept, Acc* keep) {
-  uint32_t draws[kBlockK];
+  uint32_t draws[kMaxBlockK];
   const int64_t blocks = (n + 3) / 4;
 #pragma omp simd
   for (int64_t block = 0; block < blocks; ++block) {
@@ -215,27 +230,28 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
   const Rows<T> out = rows_of<T>(out_t);
   Acc* lse = lse_t.mutable_data_ptr<Acc>();
   const int64_t d = p.dim, group = p.heads / p.kv_heads;
-  const int64_t q_tiles = (p.seq_q + kBlockQ - 1) / kBlockQ;
+  const int64_t q_tiles = (p.seq_q + p.block_q - 1) / p.block_q;
   const Acc scale = static_cast<Acc>(p.scale);
   const Acc keep_scale = Acc(1) / static_cast<Acc>(1 - p.dropout_p);
   constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
   at::parallel_for(0, p.batch * p.heads * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> scores(kBlockQ * kBlockK), acc(kBlockQ * d), row_max(kBlockQ),
-        row_sum(kBlockQ), keep(p.dropout() ? kBlockK : 0);
+    const cpu::SequentialBlas sequential_blas;
+    std::vector<Acc> scores(p.block_q * p.block_k), acc(p.block_q * d), row_max(p.block_q),
+        row_sum(p.block_q), keep(p.dropout() ? p.block_k : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t tile = task % q_tiles, bh = task / q_tiles;
       const int64_t b = bh / p.heads, h = bh % p.heads, kvh = h / group;
-      const int64_t i0 = tile * kBlockQ, rows = std::min(kBlockQ, p.seq_q - i0);
+      const int64_t i0 = tile * p.block_q, rows = std::min(p.block_q, p.seq_q - i0);
       std::fill(acc.begin(), acc.end(), Acc(0));
       std::fill(row_max.begin(), row_max.end(), kNegInf);
       std::fill(row_sum.begin(), row_sum.end(), Acc(0));
       const int64_t key_end = tile_key_end(p, i0, rows);
-      for (int64_t j0 = 0; j0 < key_end; j0 += kBlockK) {
-        const int64_t cols = std::min(kBlockK, key_end - j0);
+      for (int64_t j0 = 0; j0 < key_end; j0 += p.block_k) {
+        const int64_t cols = std::min(p.block_k, key_end - j0);
         cpu::gemm<Acc>(false, true, rows, cols, d, scale, q.at(b, h, i0), q.row_stride,
-                       k.at(b, kvh, j0), k.row_stride, Acc(0), scores.data(), kBlockK);
+                       k.at(b, kvh, j0), k.row_stride, Acc(0), scores.data(), p.block_k);
         for (int64_t r = 0; r < rows; ++r) {
-          Acc* s = scores.data() + r * kBlockK;
+          Acc* s = scores.data() + r * p.block_k;
           const int64_t limit = row_limit(p, i0 + r, j0, cols);
           // The max skips NaN; exp(NaN - max) then carries it into the sum.
           const Acc new_max = std::max(row_max[r], cpu::row_max(s, limit));
@@ -289,9 +305,9 @@ void softmax_grad_tile(const Problem& p, int64_t bh, int64_t i0, int64_t rows, i
   const Acc keep_scale = Acc(1) / static_cast<Acc>(1 - p.dropout_p);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t limit = std::isinf(lse[r]) ? 0 : row_limit(p, i0 + r, j0, cols);
-    Acc* sr = s + r * kBlockK;
-    Acc* pr = prob + r * kBlockK;
-    const Acc* dpr = dp + r * kBlockK;
+    Acc* sr = s + r * p.block_k;
+    Acc* pr = prob + r * p.block_k;
+    const Acc* dpr = dp + r * p.block_k;
     if (p.dropout()) {
       dropout_row<Acc>(p, bh, i0 + r, j0, limit, keep_scale, keep);
       cpu::softmax_dropout_grad_row(sr, pr, dpr, keep, limit, lse[r], delta[r]);
@@ -306,10 +322,10 @@ void softmax_grad_tile(const Problem& p, int64_t bh, int64_t i0, int64_t rows, i
 // One thread's tiles in the backward.
 template <typename Acc>
 struct TileScratch {
-  std::vector<Acc> s = std::vector<Acc>(kBlockQ * kBlockK);
-  std::vector<Acc> prob = std::vector<Acc>(kBlockQ * kBlockK);
-  std::vector<Acc> dp = std::vector<Acc>(kBlockQ * kBlockK);
-  std::vector<Acc> keep = std::vector<Acc>(kBlockK);
+  explicit TileScratch(const Problem& p)
+      : s(p.block_q * p.block_k), prob(p.block_q * p.block_k), dp(p.block_q * p.block_k),
+        keep(p.block_k) {}
+  std::vector<Acc> s, prob, dp, keep;
 };
 
 template <typename T>
@@ -350,9 +366,9 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
                         int64_t cols, Acc* s, Acc* prob, Acc* dp, Acc* keep) {
     const auto [tile_lse, tile_delta] = row_stats(b, h, i0);
     cpu::gemm<Acc>(false, true, rows, cols, d, scale, q.at(b, h, i0), q.row_stride,
-                   k.at(b, kvh, j0), k.row_stride, Acc(0), s, kBlockK);
+                   k.at(b, kvh, j0), k.row_stride, Acc(0), s, p.block_k);
     cpu::gemm<Acc>(false, true, rows, cols, d, Acc(1), go.at(b, h, i0), go.row_stride,
-                   v.at(b, kvh, j0), v.row_stride, Acc(0), dp, kBlockK);
+                   v.at(b, kvh, j0), v.row_stride, Acc(0), dp, p.block_k);
     softmax_grad_tile<Acc>(p, b * p.heads + h, i0, rows, j0, cols, tile_lse, tile_delta, s, prob,
                            dp, keep);
   };
@@ -373,17 +389,18 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
     gemm_visible_keys<Acc>(p, i0, rows, j0, cols, scale, ds, k.at(b, kvh, j0), k.row_stride,
                            dq.at(b, h, i0), dq.row_stride);
   };
-  const int64_t q_tiles = (p.seq_q + kBlockQ - 1) / kBlockQ;
-  const int64_t k_tiles = (p.seq_k + kBlockK - 1) / kBlockK;
+  const int64_t q_tiles = (p.seq_q + p.block_q - 1) / p.block_q;
+  const int64_t k_tiles = (p.seq_k + p.block_k - 1) / p.block_k;
   auto first_query_tile = [&](int64_t j0) {
-    return p.causal ? causal_query_begin(j0, p.seq_q, p.seq_k) / kBlockQ * kBlockQ : 0;
+    return p.causal ? causal_query_begin(j0, p.seq_q, p.seq_k) / p.block_q * p.block_q : 0;
   };
 
   if (p.batch * p.kv_heads >= kFusedBackwardTasks) {
     // One pass, 5 GEMMs per tile pair: each task owns a (batch, kv head) and so
     // every dq, dk, dv row of it (dq of a head depends only on its kv head).
     at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
-      TileScratch<Acc> t;
+      const cpu::SequentialBlas sequential_blas;
+      TileScratch<Acc> t(p);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / p.kv_heads, kvh = task % p.kv_heads;
         for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
@@ -391,11 +408,11 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
         }
         zero_rows(dk.at(b, kvh, 0), p.seq_k, dk.row_stride);
         zero_rows(dv.at(b, kvh, 0), p.seq_k, dv.row_stride);
-        for (int64_t j0 = 0; j0 < p.seq_k; j0 += kBlockK) {
-          const int64_t cols = std::min(kBlockK, p.seq_k - j0);
+        for (int64_t j0 = 0; j0 < p.seq_k; j0 += p.block_k) {
+          const int64_t cols = std::min(p.block_k, p.seq_k - j0);
           for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
-            for (int64_t i0 = first_query_tile(j0); i0 < p.seq_q; i0 += kBlockQ) {
-              const int64_t rows = std::min(kBlockQ, p.seq_q - i0);
+            for (int64_t i0 = first_query_tile(j0); i0 < p.seq_q; i0 += p.block_q) {
+              const int64_t rows = std::min(p.block_q, p.seq_q - i0);
               tile_grads(b, h, kvh, i0, rows, j0, cols, t.s.data(), t.prob.data(), t.dp.data(),
                          t.keep.data());
               add_dk_dv(b, h, i0, rows, j0, cols, t.s.data(), t.prob.data(), dk.at(b, kvh, j0),
@@ -412,15 +429,16 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
   // Few (batch, kv head) pairs: two passes with finer tasks, 7 GEMMs per tile pair.
   // dq: one task per (batch, head, query tile), streaming over key tiles.
   at::parallel_for(0, p.batch * p.heads * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    TileScratch<Acc> t;
+    const cpu::SequentialBlas sequential_blas;
+    TileScratch<Acc> t(p);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t tile = task % q_tiles, bh = task / q_tiles;
       const int64_t b = bh / p.heads, h = bh % p.heads, kvh = h / group;
-      const int64_t i0 = tile * kBlockQ, rows = std::min(kBlockQ, p.seq_q - i0);
+      const int64_t i0 = tile * p.block_q, rows = std::min(p.block_q, p.seq_q - i0);
       zero_rows(dq.at(b, h, i0), rows, dq.row_stride);
       const int64_t key_end = tile_key_end(p, i0, rows);
-      for (int64_t j0 = 0; j0 < key_end; j0 += kBlockK) {
-        const int64_t cols = std::min(kBlockK, key_end - j0);
+      for (int64_t j0 = 0; j0 < key_end; j0 += p.block_k) {
+        const int64_t cols = std::min(p.block_k, key_end - j0);
         tile_grads(b, h, kvh, i0, rows, j0, cols, t.s.data(), t.prob.data(), t.dp.data(),
                    t.keep.data());
         add_dq(b, h, kvh, i0, rows, j0, cols, t.s.data());
@@ -430,16 +448,17 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
   // dk, dv: one task per (batch, kv head, key tile), over the query heads of
   // its group and the query tiles that see the key tile.
   at::parallel_for(0, p.batch * p.kv_heads * k_tiles, 1, [&](int64_t begin, int64_t end) {
-    TileScratch<Acc> t;
+    const cpu::SequentialBlas sequential_blas;
+    TileScratch<Acc> t(p);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t tile = task % k_tiles, bkv = task / k_tiles;
       const int64_t b = bkv / p.kv_heads, kvh = bkv % p.kv_heads;
-      const int64_t j0 = tile * kBlockK, cols = std::min(kBlockK, p.seq_k - j0);
+      const int64_t j0 = tile * p.block_k, cols = std::min(p.block_k, p.seq_k - j0);
       zero_rows(dk.at(b, kvh, j0), cols, dk.row_stride);
       zero_rows(dv.at(b, kvh, j0), cols, dv.row_stride);
       for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
-        for (int64_t i0 = first_query_tile(j0); i0 < p.seq_q; i0 += kBlockQ) {
-          const int64_t rows = std::min(kBlockQ, p.seq_q - i0);
+        for (int64_t i0 = first_query_tile(j0); i0 < p.seq_q; i0 += p.block_q) {
+          const int64_t rows = std::min(p.block_q, p.seq_q - i0);
           tile_grads(b, h, kvh, i0, rows, j0, cols, t.s.data(), t.prob.data(), t.dp.data(),
                      t.keep.data());
           add_dk_dv(b, h, i0, rows, j0, cols, t.s.data(), t.prob.data(), dk.at(b, kvh, j0),
@@ -455,7 +474,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(const at::Tensor&
                                                                const at::Tensor& v_in,
                                                                bool causal, double scale,
                                                                double dropout_p, int64_t seed) {
-  const Problem p = check_inputs("flash_attention_forward", q_in, k_in, v_in, causal, scale,
+  const Problem p = check_inputs("flash_attention_forward", false, q_in, k_in, v_in, causal, scale,
                                  dropout_p, seed);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor q = with_unit_last_stride(q_in), k = with_unit_last_stride(k_in),
@@ -475,7 +494,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, bool causal,
     double scale, double dropout_p, int64_t seed) {
   constexpr const char* op = "flash_attention_backward";
-  const Problem p = check_inputs(op, q_in, k_in, v_in, causal, scale, dropout_p, seed);
+  const Problem p = check_inputs(op, true, q_in, k_in, v_in, causal, scale, dropout_p, seed);
   TORCH_CHECK_VALUE(grad_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(), op,
                     ": `grad_out` and `out` must have the shape of `q` ", q_in.sizes(),
                     ", got ", grad_in.sizes(), " and ", out_in.sizes());
