@@ -130,6 +130,23 @@ def test_many_row_tiles(mode):
     _check(x, w, torch.randn(3, dtype=torch.float64), (2, 1), 2, 1, 1, mode)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("width, padding, dilation",
+                         [(33, 0, 1), (34, 2, 1), (35, 0, 2), (47, 1, 1), (81, 3, 2)])
+def test_stride_two_rows_of_whole_vectors(dtype, mode, width, padding, dilation):
+    # On CPU, rows read at stride 2 with at least 16 outputs move whole vectors
+    # (the even lanes of two 64-byte loads: 16 floats or 8 doubles), then a
+    # scalar tail: 16-42 outputs per row give one or several vectors and tails;
+    # at width 33 without padding the last tap's rows end one value short of
+    # a second load and must finish one by one; the last row of the last plane
+    # ends where the input does. Forward, grad input and grad weight (which
+    # runs im2col again).
+    x = torch.randn(3, 2, 5, width, dtype=dtype)
+    w = torch.randn(4, 2, 3, 3, dtype=dtype)
+    _check(x, w, torch.randn(4, dtype=dtype), 2, padding, dilation, 1, mode)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("stride, groups, size", [(1, 1, 12), (2, 2, 12), (2, 1, 29)])
 def test_several_samples_per_gemm(mode, stride, groups, size):

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "pyattn/cpu_vector.h"
@@ -102,6 +103,76 @@ std::vector<Interior> interiors(const Axis& a) {
   return all;
 }
 
+// dst[o] = src[2 * o] for o < n, reading only src[0, readable) (readable >=
+// 2n - 1): whole vectors where both source vectors of a block are readable (the
+// even lanes kept by one shuffle), then one by one.
+template <typename T>
+__attribute__((always_inline)) inline void gather_even(const T* src, T* dst, int64_t n,
+                                                       int64_t readable) {
+  constexpr int64_t lanes = cpu::kLanes<T>;
+  using Index = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef Index IndexLanes __attribute__((vector_size(sizeof(cpu::Lanes<T>))));
+  IndexLanes even;
+  for (int64_t l = 0; l < lanes; ++l) even[l] = static_cast<Index>(2 * l);
+  int64_t o = 0;
+  for (; o + lanes <= n && 2 * (o + lanes) <= readable; o += lanes) {
+    cpu::Lanes<T> low, high;
+    cpu::load_lanes(low, src + 2 * o);
+    cpu::load_lanes(high, src + 2 * o + lanes);
+    cpu::store_lanes(dst + o, __builtin_shuffle(low, high, even));
+  }
+  for (; o < n; ++o) dst[o] = src[2 * o];
+}
+
+// One column row of im2col: the out_h x out_w values one (channel, tap,
+// sample) contributes, from its input plane `src` (rows of `width`).
+// row_src / col_src: the tap's source_table entries of the two axes (-1: zero
+// padding); `inside`: the tap's interior range along the width. Compiled per
+// ISA so that rows read at stride 2 (Net1's strided layers) move whole
+// vectors: the scalar strided loop was the largest cost of their forward
+// (twice the GEMM's time in a profile of Net1's second layer).
+template <typename T>
+__attribute__((always_inline)) inline void im2col_plane_body(
+    const T* src, int64_t width, const int64_t* row_src, int64_t out_h, const int64_t* col_src,
+    int64_t out_w, const Interior& inside, int64_t stride, T* dst) {
+  for (int64_t oh = 0; oh < out_h; ++oh, dst += out_w) {
+    const int64_t ih = row_src[oh];
+    if (ih < 0) {
+      std::fill(dst, dst + out_w, T(0));
+      continue;
+    }
+    const T* src_row = src + ih * width;
+    for (int64_t ow = 0; ow < inside.begin; ++ow) {
+      dst[ow] = col_src[ow] < 0 ? T(0) : src_row[col_src[ow]];
+    }
+    const int64_t offset = inside.begin * stride + inside.shift;
+    const T* first = src_row + offset;
+    const int64_t count = inside.end - inside.begin;
+    if (stride == 1) {
+      std::copy(first, first + count, dst + inside.begin);
+    } else if (stride == 2) {
+      gather_even(first, dst + inside.begin, count, width - offset);
+    } else {
+      for (int64_t o = 0; o < count; ++o) dst[inside.begin + o] = first[o * stride];
+    }
+    for (int64_t ow = inside.end; ow < out_w; ++ow) {
+      dst[ow] = col_src[ow] < 0 ? T(0) : src_row[col_src[ow]];
+    }
+  }
+}
+
+PYATTN_X86_CLONES void im2col_plane(const float* src, int64_t width, const int64_t* row_src,
+                                    int64_t out_h, const int64_t* col_src, int64_t out_w,
+                                    const Interior& inside, int64_t stride, float* dst) {
+  im2col_plane_body(src, width, row_src, out_h, col_src, out_w, inside, stride, dst);
+}
+
+PYATTN_X86_CLONES void im2col_plane(const double* src, int64_t width, const int64_t* row_src,
+                                    int64_t out_h, const int64_t* col_src, int64_t out_w,
+                                    const Interior& inside, int64_t stride, double* dst) {
+  im2col_plane_body(src, width, row_src, out_h, col_src, out_w, inside, stride, dst);
+}
+
 // cols: (C*KH*KW, batch, Ho*Wo), the layout of conv_geometry.h's batched
 // columns, so one GEMM covers every sample of the call.
 template <typename T>
@@ -114,6 +185,10 @@ void im2col_kernel(const T* input, T* cols, int64_t batch, const ConvGeometry& g
   const std::vector<int32_t> table = plane_table(g, rows, columns);
   const std::vector<Interior> insides = interiors(g.w);
   const int64_t taps = kh_count * kw_count, out_plane = g.out_plane();
+  // Rows read at stride 2 and at least one vector long go through the cloned
+  // im2col_plane (Net1's 18 outputs per row gain; at 10 the call into a clone
+  // saved nothing).
+  const bool vector_rows = g.w.stride == 2 && out_w >= cpu::kLanes<T>;
   // One task per column row (c, kh, kw, sample): a contiguous out_h x out_w block.
   at::parallel_for(0, g.col_rows() * batch, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -128,31 +203,14 @@ void im2col_kernel(const T* input, T* cols, int64_t batch, const ConvGeometry& g
       const int64_t kh = (col_row / kw_count) % kh_count;
       const int64_t channel = col_row / (kw_count * kh_count);
       const T* src = input + (sample * g.channels + channel) * plane;
+      const int64_t* row_src = rows.data() + kh * out_h;
       const int64_t* col_src = columns.data() + kw * out_w;
-      const Interior& inside = insides[kw];
-      const int64_t stride = g.w.stride;
       T* dst = cols + r * out_h * out_w;
-      for (int64_t oh = 0; oh < out_h; ++oh, dst += out_w) {
-        const int64_t ih = rows[kh * out_h + oh];
-        if (ih < 0) {
-          std::fill(dst, dst + out_w, T(0));
-          continue;
-        }
-        const T* src_row = src + ih * g.w.size;
-        for (int64_t ow = 0; ow < inside.begin; ++ow) {
-          dst[ow] = col_src[ow] < 0 ? T(0) : src_row[col_src[ow]];
-        }
-        if (stride == 1) {
-          std::copy(src_row + inside.begin + inside.shift, src_row + inside.end + inside.shift,
-                    dst + inside.begin);
-        } else {
-          for (int64_t ow = inside.begin; ow < inside.end; ++ow) {
-            dst[ow] = src_row[ow * stride + inside.shift];
-          }
-        }
-        for (int64_t ow = inside.end; ow < out_w; ++ow) {
-          dst[ow] = col_src[ow] < 0 ? T(0) : src_row[col_src[ow]];
-        }
+      if (vector_rows) {
+        im2col_plane(src, g.w.size, row_src, out_h, col_src, out_w, insides[kw], 2, dst);
+      } else {
+        im2col_plane_body(src, g.w.size, row_src, out_h, col_src, out_w, insides[kw],
+                          g.w.stride, dst);
       }
     }
   });
