@@ -131,7 +131,8 @@ __attribute__((always_inline)) inline void gather_even(const T* src, T* dst, int
 // ISA so that rows read at stride 2 (Net1's strided layers) move whole
 // vectors: the scalar strided loop was the largest cost of their forward
 // (twice the GEMM's time in a profile of Net1's second layer).
-template <typename T>
+// kStrideTwo: the rows are read at stride 2 (`stride` is 2), as whole vectors.
+template <typename T, bool kStrideTwo>
 __attribute__((always_inline)) inline void im2col_plane_body(
     const T* src, int64_t width, const int64_t* row_src, int64_t out_h, const int64_t* col_src,
     int64_t out_w, const Interior& inside, int64_t stride, T* dst) {
@@ -148,10 +149,10 @@ __attribute__((always_inline)) inline void im2col_plane_body(
     const int64_t offset = inside.begin * stride + inside.shift;
     const T* first = src_row + offset;
     const int64_t count = inside.end - inside.begin;
-    if (stride == 1) {
-      std::copy(first, first + count, dst + inside.begin);
-    } else if (stride == 2) {
+    if (kStrideTwo) {
       gather_even(first, dst + inside.begin, count, width - offset);
+    } else if (stride == 1) {
+      std::copy(first, first + count, dst + inside.begin);
     } else {
       for (int64_t o = 0; o < count; ++o) dst[inside.begin + o] = first[o * stride];
     }
@@ -161,16 +162,19 @@ __attribute__((always_inline)) inline void im2col_plane_body(
   }
 }
 
-PYATTN_X86_CLONES void im2col_plane(const float* src, int64_t width, const int64_t* row_src,
-                                    int64_t out_h, const int64_t* col_src, int64_t out_w,
-                                    const Interior& inside, int64_t stride, float* dst) {
-  im2col_plane_body(src, width, row_src, out_h, col_src, out_w, inside, stride, dst);
+// im2col_plane_body of rows read at stride 2, per ISA.
+PYATTN_X86_CLONES void im2col_plane_stride_two(const float* src, int64_t width,
+                                               const int64_t* row_src, int64_t out_h,
+                                               const int64_t* col_src, int64_t out_w,
+                                               const Interior& inside, float* dst) {
+  im2col_plane_body<float, true>(src, width, row_src, out_h, col_src, out_w, inside, 2, dst);
 }
 
-PYATTN_X86_CLONES void im2col_plane(const double* src, int64_t width, const int64_t* row_src,
-                                    int64_t out_h, const int64_t* col_src, int64_t out_w,
-                                    const Interior& inside, int64_t stride, double* dst) {
-  im2col_plane_body(src, width, row_src, out_h, col_src, out_w, inside, stride, dst);
+PYATTN_X86_CLONES void im2col_plane_stride_two(const double* src, int64_t width,
+                                               const int64_t* row_src, int64_t out_h,
+                                               const int64_t* col_src, int64_t out_w,
+                                               const Interior& inside, double* dst) {
+  im2col_plane_body<double, true>(src, width, row_src, out_h, col_src, out_w, inside, 2, dst);
 }
 
 // cols: (C*KH*KW, batch, Ho*Wo), the layout of conv_geometry.h's batched
@@ -186,8 +190,8 @@ void im2col_kernel(const T* input, T* cols, int64_t batch, const ConvGeometry& g
   const std::vector<Interior> insides = interiors(g.w);
   const int64_t taps = kh_count * kw_count, out_plane = g.out_plane();
   // Rows read at stride 2 and at least one vector long go through the cloned
-  // im2col_plane (Net1's 18 outputs per row gain; at 10 the call into a clone
-  // saved nothing).
+  // im2col_plane_stride_two (Net1's 18 outputs per row gain); shorter rows stay
+  // inline, where neither the call nor the vector code costs anything.
   const bool vector_rows = g.w.stride == 2 && out_w >= cpu::kLanes<T>;
   // One task per column row (c, kh, kw, sample): a contiguous out_h x out_w block.
   at::parallel_for(0, g.col_rows() * batch, 16, [&](int64_t begin, int64_t end) {
@@ -207,13 +211,88 @@ void im2col_kernel(const T* input, T* cols, int64_t batch, const ConvGeometry& g
       const int64_t* col_src = columns.data() + kw * out_w;
       T* dst = cols + r * out_h * out_w;
       if (vector_rows) {
-        im2col_plane(src, g.w.size, row_src, out_h, col_src, out_w, insides[kw], 2, dst);
+        im2col_plane_stride_two(src, g.w.size, row_src, out_h, col_src, out_w, insides[kw], dst);
       } else {
-        im2col_plane_body(src, g.w.size, row_src, out_h, col_src, out_w, insides[kw],
-                          g.w.stride, dst);
+        im2col_plane_body<T, false>(src, g.w.size, row_src, out_h, col_src, out_w, insides[kw],
+                                    g.w.stride, dst);
       }
     }
   });
+}
+
+// dst[2 * o] += src[o] for o < n, touching only dst[0, writable) (writable
+// >= 2n - 1): whole vectors where both destination vectors of a block are
+// writable (src spread over their even lanes, -0 in the odd ones, which adds
+// nothing: x + -0 is x, -0 included), then one by one.
+template <typename T>
+__attribute__((always_inline)) inline void scatter_add_even(const T* src, T* dst, int64_t n,
+                                                            int64_t writable) {
+  constexpr int64_t lanes = cpu::kLanes<T>;
+  using Index = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef Index IndexLanes __attribute__((vector_size(sizeof(cpu::Lanes<T>))));
+  IndexLanes low_half, high_half;  // lane 2j: src[j] (or src[lanes / 2 + j]); odd: filler
+  for (int64_t l = 0; l < lanes; ++l) {
+    low_half[l] = static_cast<Index>(l % 2 ? lanes : l / 2);
+    high_half[l] = static_cast<Index>(l % 2 ? lanes : lanes / 2 + l / 2);
+  }
+  cpu::Lanes<T> filler;
+  for (int64_t l = 0; l < lanes; ++l) filler[l] = T(-0.0);
+  int64_t o = 0;
+  for (; o + lanes <= n && 2 * (o + lanes) <= writable; o += lanes) {
+    cpu::Lanes<T> values, low, high;
+    cpu::load_lanes(values, src + o);
+    cpu::load_lanes(low, dst + 2 * o);
+    cpu::load_lanes(high, dst + 2 * o + lanes);
+    cpu::store_lanes(dst + 2 * o, low + __builtin_shuffle(values, filler, low_half));
+    cpu::store_lanes(dst + 2 * o + lanes, high + __builtin_shuffle(values, filler, high_half));
+  }
+  for (; o < n; ++o) dst[2 * o] += src[o];
+}
+
+// One tap's share of col2im for one (sample, channel) plane `dst` (rows of
+// `width`): its out_h x out_w column values `src` added to the elements they
+// were read from. Arguments as im2col_plane_body's, and the same split between
+// cloned stride-2 rows and inline others.
+template <typename T, bool kStrideTwo>
+__attribute__((always_inline)) inline void col2im_tap_body(
+    const T* src, int64_t width, const int64_t* row_src, int64_t out_h, const int64_t* col_src,
+    int64_t out_w, const Interior& inside, int64_t stride, T* dst) {
+  for (int64_t oh = 0; oh < out_h; ++oh, src += out_w) {
+    const int64_t ih = row_src[oh];
+    if (ih < 0) continue;
+    T* dst_row = dst + ih * width;
+    for (int64_t ow = 0; ow < inside.begin; ++ow) {
+      if (col_src[ow] >= 0) dst_row[col_src[ow]] += src[ow];
+    }
+    const int64_t offset = inside.begin * stride + inside.shift;
+    T* first = dst_row + offset;
+    const T* values = src + inside.begin;
+    const int64_t count = inside.end - inside.begin;
+    if (kStrideTwo) {
+      scatter_add_even(values, first, count, width - offset);
+    } else if (stride == 1) {
+      for (int64_t o = 0; o < count; ++o) first[o] += values[o];
+    } else {
+      for (int64_t o = 0; o < count; ++o) first[o * stride] += values[o];
+    }
+    for (int64_t ow = inside.end; ow < out_w; ++ow) {
+      if (col_src[ow] >= 0) dst_row[col_src[ow]] += src[ow];
+    }
+  }
+}
+
+PYATTN_X86_CLONES void col2im_tap_stride_two(const float* src, int64_t width,
+                                             const int64_t* row_src, int64_t out_h,
+                                             const int64_t* col_src, int64_t out_w,
+                                             const Interior& inside, float* dst) {
+  col2im_tap_body<float, true>(src, width, row_src, out_h, col_src, out_w, inside, 2, dst);
+}
+
+PYATTN_X86_CLONES void col2im_tap_stride_two(const double* src, int64_t width,
+                                             const int64_t* row_src, int64_t out_h,
+                                             const int64_t* col_src, int64_t out_w,
+                                             const Interior& inside, double* dst) {
+  col2im_tap_body<double, true>(src, width, row_src, out_h, col_src, out_w, inside, 2, dst);
 }
 
 // cols: (C*KH*KW, batch, Ho*Wo) as im2col writes them. The transpose of
@@ -228,6 +307,7 @@ void col2im_kernel(const T* cols, T* grad_input, int64_t batch, const ConvGeomet
   const int64_t stride = g.w.stride;
   const std::vector<int32_t> table = plane_table(g, rows, columns);
   const std::vector<Interior> insides = interiors(g.w);
+  const bool vector_rows = stride == 2 && out_w >= cpu::kLanes<T>;  // as in im2col_kernel
   // One task per (sample, channel) plane: every input element is written by one task.
   at::parallel_for(0, batch * g.channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bc = begin; bc < end; ++bc) {
@@ -241,26 +321,13 @@ void col2im_kernel(const T* cols, T* grad_input, int64_t batch, const ConvGeomet
           scatter_add_plane(src, table.data() + tap * plane, dst, plane);
           continue;
         }
+        const int64_t* row_src = rows.data() + kh * out_h;
         const int64_t* col_src = columns.data() + kw * out_w;
-        const Interior& inside = insides[kw];
-        for (int64_t oh = 0; oh < out_h; ++oh, src += out_w) {
-          const int64_t ih = rows[kh * out_h + oh];
-          if (ih < 0) continue;
-          T* dst_row = dst + ih * g.w.size;
-          for (int64_t ow = 0; ow < inside.begin; ++ow) {
-            if (col_src[ow] >= 0) dst_row[col_src[ow]] += src[ow];
-          }
-          if (stride == 1) {
-            T* out = dst_row + inside.begin + inside.shift;
-            for (int64_t i = 0; i < inside.end - inside.begin; ++i) out[i] += src[inside.begin + i];
-          } else {
-            for (int64_t ow = inside.begin; ow < inside.end; ++ow) {
-              dst_row[ow * stride + inside.shift] += src[ow];
-            }
-          }
-          for (int64_t ow = inside.end; ow < out_w; ++ow) {
-            if (col_src[ow] >= 0) dst_row[col_src[ow]] += src[ow];
-          }
+        if (vector_rows) {
+          col2im_tap_stride_two(src, g.w.size, row_src, out_h, col_src, out_w, insides[kw], dst);
+        } else {
+          col2im_tap_body<T, false>(src, g.w.size, row_src, out_h, col_src, out_w, insides[kw],
+                                    stride, dst);
         }
       }
     }
