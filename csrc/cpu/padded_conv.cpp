@@ -163,18 +163,12 @@ __attribute__((always_inline)) inline void im2col_plane_body(
 }
 
 // im2col_plane_body of rows read at stride 2, per ISA.
-PYATTN_X86_CLONES void im2col_plane_stride_two(const float* src, int64_t width,
+template <typename T>
+PYATTN_X86_CLONES void im2col_plane_stride_two(const T* src, int64_t width,
                                                const int64_t* row_src, int64_t out_h,
                                                const int64_t* col_src, int64_t out_w,
-                                               const Interior& inside, float* dst) {
-  im2col_plane_body<float, true>(src, width, row_src, out_h, col_src, out_w, inside, 2, dst);
-}
-
-PYATTN_X86_CLONES void im2col_plane_stride_two(const double* src, int64_t width,
-                                               const int64_t* row_src, int64_t out_h,
-                                               const int64_t* col_src, int64_t out_w,
-                                               const Interior& inside, double* dst) {
-  im2col_plane_body<double, true>(src, width, row_src, out_h, col_src, out_w, inside, 2, dst);
+                                               const Interior& inside, T* dst) {
+  im2col_plane_body<T, true>(src, width, row_src, out_h, col_src, out_w, inside, 2, dst);
 }
 
 // cols: (C*KH*KW, batch, Ho*Wo), the layout of conv_geometry.h's batched
@@ -281,18 +275,12 @@ __attribute__((always_inline)) inline void col2im_tap_body(
   }
 }
 
-PYATTN_X86_CLONES void col2im_tap_stride_two(const float* src, int64_t width,
-                                             const int64_t* row_src, int64_t out_h,
-                                             const int64_t* col_src, int64_t out_w,
-                                             const Interior& inside, float* dst) {
-  col2im_tap_body<float, true>(src, width, row_src, out_h, col_src, out_w, inside, 2, dst);
-}
-
-PYATTN_X86_CLONES void col2im_tap_stride_two(const double* src, int64_t width,
-                                             const int64_t* row_src, int64_t out_h,
-                                             const int64_t* col_src, int64_t out_w,
-                                             const Interior& inside, double* dst) {
-  col2im_tap_body<double, true>(src, width, row_src, out_h, col_src, out_w, inside, 2, dst);
+// col2im_tap_body of rows read at stride 2, per ISA.
+template <typename T>
+PYATTN_X86_CLONES void col2im_tap_stride_two(const T* src, int64_t width, const int64_t* row_src,
+                                             int64_t out_h, const int64_t* col_src,
+                                             int64_t out_w, const Interior& inside, T* dst) {
+  col2im_tap_body<T, true>(src, width, row_src, out_h, col_src, out_w, inside, 2, dst);
 }
 
 // cols: (C*KH*KW, batch, Ho*Wo) as im2col writes them. The transpose of
