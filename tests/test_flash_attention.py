@@ -141,7 +141,7 @@ def test_cpp_backward_both_schedules(batch, heads, kv_heads, causal):
 
 @pytest.mark.parametrize("dim", [8, 16, 32, 48, 64, 80, 96, 128, 256])
 def test_cpp_head_dims(dim):
-    q, k, v = _inputs(2, 4, 2, 37, 70, dim, torch.float64)
+    q, k, v = _inputs(2, 4, 2, 37, 300, dim, torch.float64)  # several key tiles
     _check_against_reference(q, k, v, True, "cpp")
 
 
@@ -380,9 +380,9 @@ def _check_against_visible_only(q, k, v, causal, grad=None):
 
 
 # (tensor, position along seq, value) at seq 300, which spans 3 x 2 forward tiles
-# (128 queries x 256 keys) and 3 x 3 backward tiles (128 x 128): these masked
-# positions sit in tiles that straddle the causal diagonal (v 30, k 140, v 266)
-# and in tiles that are wholly masked for some queries (v 266, k 266, k 299).
+# (128 queries x 256 keys) and 3 x 3 backward tiles (128 x 128): the masked
+# positions sit in tiles that straddle the causal diagonal, and the tiles of
+# later keys are skipped for earlier queries.
 SEQ = 300
 POISON = [("v", 266, "nan"), ("v", 30, "inf"), ("k", 140, "nan"), ("k", 266, "-inf"),
           ("q", 10, "nan"), ("q", 265, "inf"), ("v", 0, "nan"), ("k", 299, "inf")]
@@ -395,6 +395,22 @@ def test_cpp_nan_inf_match_visible_only_reference(name, pos, value, causal):
     tensors = dict(zip("qkv", _inputs(1, 2, 1, SEQ, SEQ, 16, dtype)))
     tensors[name][:, :, pos, 3] = float(value)
     _check_against_visible_only(tensors["q"], tensors["k"], tensors["v"], causal)
+
+
+# 150 queries x 300 keys: the causal diagonal is offset by 150, so tiles hold
+# rows that see no key of the tile (forward: queries 0-105 in keys 256-299;
+# backward: queries 0-105 in keys 128-255 and 256-299) next to rows that see
+# some; a NaN / Inf there must stay out of those rows.
+RECTANGULAR_POISON = [("v", 260, "nan"), ("k", 270, "inf"), ("v", 200, "-inf"), ("k", 160, "nan")]
+
+
+@pytest.mark.parametrize("name, pos, value", RECTANGULAR_POISON,
+                         ids=[f"{n}{p}{v}" for n, p, v in RECTANGULAR_POISON])
+def test_cpp_nan_inf_in_tiles_with_fully_masked_rows(name, pos, value):
+    dtype = (torch.float64, torch.float32)[RECTANGULAR_POISON.index((name, pos, value)) % 2]
+    tensors = dict(zip("qkv", _inputs(1, 2, 1, 150, 300, 16, dtype)))
+    tensors[name][:, :, pos, 3] = float(value)
+    _check_against_visible_only(tensors["q"], tensors["k"], tensors["v"], True)
 
 
 def test_cpp_future_nan_does_not_leak_into_earlier_rows():
@@ -539,7 +555,9 @@ def test_reference_philox_known_answers():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dropout_p", [0.1, 0.5, 0.9])
 def test_cpp_dropout_against_reference_mask(dropout_p, causal):
-    q, k, v = _inputs(2, 4, 2, 77, 101, 32, torch.float64)
+    # 300 keys: two forward key tiles (256 wide), three backward ones (128), so
+    # the mask of a tile that starts after key 0 is checked too
+    q, k, v = _inputs(2, 4, 2, 77, 300, 32, torch.float64)
     grad = torch.randn(q.shape, dtype=torch.float64)
     seed = 987654321987
     op = lambda q, k, v, causal: torch.ops.pyattn.flash_attention_forward(

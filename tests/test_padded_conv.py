@@ -135,9 +135,10 @@ def test_many_row_tiles(mode):
 @pytest.mark.parametrize("width, padding, dilation",
                          [(33, 0, 1), (34, 2, 1), (35, 0, 2), (47, 1, 1), (81, 3, 2)])
 def test_stride_two_rows_of_whole_vectors(dtype, mode, width, padding, dilation):
-    # On CPU, rows read at stride 2 with at least 16 outputs move whole vectors
-    # (the even lanes of two 64-byte loads: 16 floats or 8 doubles), then a
-    # scalar tail: 16-42 outputs per row give one or several vectors and tails;
+    # On CPU, rows read at stride 2 with at least one vector of outputs (16
+    # floats, 8 doubles) move whole vectors (the even lanes of two 64-byte
+    # loads), then a scalar tail: 16-42 outputs per row give one or several
+    # vectors and tails;
     # at width 33 without padding the last tap's rows end one value short of
     # a second load and must finish one by one; the last row of the last plane
     # ends where the input does. Forward, grad input and grad weight (which

@@ -105,22 +105,25 @@ std::vector<Interior> interiors(const Axis& a) {
 
 // dst[o] = src[2 * o] for o < n, reading only src[0, readable) (readable >=
 // 2n - 1): whole vectors where both source vectors of a block are readable (the
-// even lanes kept by one shuffle), then one by one.
+// even lanes kept by one shuffle; GCC's __builtin_shuffle, so other compilers
+// take the scalar loop), then one by one.
 template <typename T>
 __attribute__((always_inline)) inline void gather_even(const T* src, T* dst, int64_t n,
                                                        int64_t readable) {
+  int64_t o = 0;
+#if defined(__GNUC__) && !defined(__clang__)
   constexpr int64_t lanes = cpu::kLanes<T>;
   using Index = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
   typedef Index IndexLanes __attribute__((vector_size(sizeof(cpu::Lanes<T>))));
   IndexLanes even;
   for (int64_t l = 0; l < lanes; ++l) even[l] = static_cast<Index>(2 * l);
-  int64_t o = 0;
   for (; o + lanes <= n && 2 * (o + lanes) <= readable; o += lanes) {
     cpu::Lanes<T> low, high;
     cpu::load_lanes(low, src + 2 * o);
     cpu::load_lanes(high, src + 2 * o + lanes);
     cpu::store_lanes(dst + o, __builtin_shuffle(low, high, even));
   }
+#endif
   for (; o < n; ++o) dst[o] = src[2 * o];
 }
 
@@ -146,15 +149,16 @@ __attribute__((always_inline)) inline void im2col_plane_body(
     for (int64_t ow = 0; ow < inside.begin; ++ow) {
       dst[ow] = col_src[ow] < 0 ? T(0) : src_row[col_src[ow]];
     }
-    const int64_t offset = inside.begin * stride + inside.shift;
-    const T* first = src_row + offset;
     const int64_t count = inside.end - inside.begin;
-    if (kStrideTwo) {
-      gather_even(first, dst + inside.begin, count, width - offset);
-    } else if (stride == 1) {
-      std::copy(first, first + count, dst + inside.begin);
-    } else {
-      for (int64_t o = 0; o < count; ++o) dst[inside.begin + o] = first[o * stride];
+    if (count > 0) {  // (else offset may point before the row)
+      const int64_t offset = inside.begin * stride + inside.shift;
+      if (kStrideTwo) {
+        gather_even(src_row + offset, dst + inside.begin, count, width - offset);
+      } else if (stride == 1) {
+        std::copy(src_row + offset, src_row + offset + count, dst + inside.begin);
+      } else {
+        for (int64_t o = 0; o < count; ++o) dst[inside.begin + o] = src_row[offset + o * stride];
+      }
     }
     for (int64_t ow = inside.end; ow < out_w; ++ow) {
       dst[ow] = col_src[ow] < 0 ? T(0) : src_row[col_src[ow]];
@@ -217,10 +221,14 @@ void im2col_kernel(const T* input, T* cols, int64_t batch, const ConvGeometry& g
 // dst[2 * o] += src[o] for o < n, touching only dst[0, writable) (writable
 // >= 2n - 1): whole vectors where both destination vectors of a block are
 // writable (src spread over their even lanes, -0 in the odd ones, which adds
-// nothing: x + -0 is x, -0 included), then one by one.
+// nothing: x + -0 is x, -0 included, in the default rounding mode; only with
+// denormals-are-zero but not flush-to-zero set could a denormal odd lane read
+// back as 0), then one by one. The vector blocks need GCC (as gather_even).
 template <typename T>
 __attribute__((always_inline)) inline void scatter_add_even(const T* src, T* dst, int64_t n,
                                                             int64_t writable) {
+  int64_t o = 0;
+#if defined(__GNUC__) && !defined(__clang__)
   constexpr int64_t lanes = cpu::kLanes<T>;
   using Index = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
   typedef Index IndexLanes __attribute__((vector_size(sizeof(cpu::Lanes<T>))));
@@ -231,7 +239,6 @@ __attribute__((always_inline)) inline void scatter_add_even(const T* src, T* dst
   }
   cpu::Lanes<T> filler;
   for (int64_t l = 0; l < lanes; ++l) filler[l] = T(-0.0);
-  int64_t o = 0;
   for (; o + lanes <= n && 2 * (o + lanes) <= writable; o += lanes) {
     cpu::Lanes<T> values, low, high;
     cpu::load_lanes(values, src + o);
@@ -240,6 +247,7 @@ __attribute__((always_inline)) inline void scatter_add_even(const T* src, T* dst
     cpu::store_lanes(dst + 2 * o, low + __builtin_shuffle(values, filler, low_half));
     cpu::store_lanes(dst + 2 * o + lanes, high + __builtin_shuffle(values, filler, high_half));
   }
+#endif
   for (; o < n; ++o) dst[2 * o] += src[o];
 }
 
@@ -258,16 +266,17 @@ __attribute__((always_inline)) inline void col2im_tap_body(
     for (int64_t ow = 0; ow < inside.begin; ++ow) {
       if (col_src[ow] >= 0) dst_row[col_src[ow]] += src[ow];
     }
-    const int64_t offset = inside.begin * stride + inside.shift;
-    T* first = dst_row + offset;
     const T* values = src + inside.begin;
     const int64_t count = inside.end - inside.begin;
-    if (kStrideTwo) {
-      scatter_add_even(values, first, count, width - offset);
-    } else if (stride == 1) {
-      for (int64_t o = 0; o < count; ++o) first[o] += values[o];
-    } else {
-      for (int64_t o = 0; o < count; ++o) first[o * stride] += values[o];
+    if (count > 0) {  // (else offset may point before the row)
+      const int64_t offset = inside.begin * stride + inside.shift;
+      if (kStrideTwo) {
+        scatter_add_even(values, dst_row + offset, count, width - offset);
+      } else if (stride == 1) {
+        for (int64_t o = 0; o < count; ++o) dst_row[offset + o] += values[o];
+      } else {
+        for (int64_t o = 0; o < count; ++o) dst_row[offset + o * stride] += values[o];
+      }
     }
     for (int64_t ow = inside.end; ow < out_w; ++ow) {
       if (col_src[ow] >= 0) dst_row[col_src[ow]] += src[ow];
