@@ -10,7 +10,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "pyattn/cpu_vector.h"
@@ -105,18 +104,15 @@ std::vector<Interior> interiors(const Axis& a) {
 
 // dst[o] = src[2 * o] for o < n, reading only src[0, readable) (readable >=
 // 2n - 1): whole vectors where both source vectors of a block are readable (the
-// even lanes kept by one shuffle; GCC's __builtin_shuffle, so other compilers
-// take the scalar loop), then one by one.
+// even lanes kept by one shuffle, where the compiler has one), then one by one.
 template <typename T>
 __attribute__((always_inline)) inline void gather_even(const T* src, T* dst, int64_t n,
                                                        int64_t readable) {
   int64_t o = 0;
-#if defined(__GNUC__) && !defined(__clang__)
+#if PYATTN_VECTOR_SHUFFLE
   constexpr int64_t lanes = cpu::kLanes<T>;
-  using Index = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
-  typedef Index IndexLanes __attribute__((vector_size(sizeof(cpu::Lanes<T>))));
-  IndexLanes even;
-  for (int64_t l = 0; l < lanes; ++l) even[l] = static_cast<Index>(2 * l);
+  cpu::LaneIndices<T> even;
+  for (int64_t l = 0; l < lanes; ++l) even[l] = 2 * l;
   for (; o + lanes <= n && 2 * (o + lanes) <= readable; o += lanes) {
     cpu::Lanes<T> low, high;
     cpu::load_lanes(low, src + 2 * o);
@@ -223,19 +219,17 @@ void im2col_kernel(const T* input, T* cols, int64_t batch, const ConvGeometry& g
 // writable (src spread over their even lanes, -0 in the odd ones, which adds
 // nothing: x + -0 is x, -0 included, in the default rounding mode; only with
 // denormals-are-zero but not flush-to-zero set could a denormal odd lane read
-// back as 0), then one by one. The vector blocks need GCC (as gather_even).
+// back as 0), then one by one (vector blocks as in gather_even).
 template <typename T>
 __attribute__((always_inline)) inline void scatter_add_even(const T* src, T* dst, int64_t n,
                                                             int64_t writable) {
   int64_t o = 0;
-#if defined(__GNUC__) && !defined(__clang__)
+#if PYATTN_VECTOR_SHUFFLE
   constexpr int64_t lanes = cpu::kLanes<T>;
-  using Index = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
-  typedef Index IndexLanes __attribute__((vector_size(sizeof(cpu::Lanes<T>))));
-  IndexLanes low_half, high_half;  // lane 2j: src[j] (or src[lanes / 2 + j]); odd: filler
+  cpu::LaneIndices<T> low_half, high_half;  // lane 2j: src[j] (or src[lanes / 2 + j]); odd: filler
   for (int64_t l = 0; l < lanes; ++l) {
-    low_half[l] = static_cast<Index>(l % 2 ? lanes : l / 2);
-    high_half[l] = static_cast<Index>(l % 2 ? lanes : lanes / 2 + l / 2);
+    low_half[l] = l % 2 ? lanes : l / 2;
+    high_half[l] = l % 2 ? lanes : lanes / 2 + l / 2;
   }
   cpu::Lanes<T> filler;
   for (int64_t l = 0; l < lanes; ++l) filler[l] = T(-0.0);

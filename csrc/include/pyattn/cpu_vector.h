@@ -30,6 +30,26 @@ using Lanes = typename LaneVector<T>::type;
 template <typename T>
 constexpr int64_t kLanes = sizeof(Lanes<T>) / sizeof(T);
 
+// Lane indices of the same count and width, for GCC's __builtin_shuffle
+// (PYATTN_VECTOR_SHUFFLE: 0 where it is missing, e.g. clang).
+#if defined(__GNUC__) && !defined(__clang__)
+#define PYATTN_VECTOR_SHUFFLE 1
+#else
+#define PYATTN_VECTOR_SHUFFLE 0
+#endif
+template <typename T>
+struct LaneIndexVector;
+template <>
+struct LaneIndexVector<float> {
+  typedef int32_t type __attribute__((vector_size(64)));
+};
+template <>
+struct LaneIndexVector<double> {
+  typedef int64_t type __attribute__((vector_size(64)));
+};
+template <typename T>
+using LaneIndices = typename LaneIndexVector<T>::type;
+
 // Unaligned vector load and store (memcpy compiles to vmovups). The load
 // writes through a reference: returning a 64-byte vector by value would draw
 // GCC's ABI warning (-Wpsabi) in the baseline clone, inlined or not.
