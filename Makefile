@@ -38,8 +38,14 @@ fuzz: build
 demo: build
 	$(PY) -m pyattn.reproduce --out reports
 
+# pytest-benchmark's tables, then bench-report/report.json and its Markdown
+# summary bench-report/results.md (paired speedups, rates against the roofline).
 bench: build
-	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,rounds
+	mkdir -p bench-report
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,rounds \
+	  --benchmark-json=bench-report/report.json
+	$(PY) benchmarks/summarize.py bench-report/report.json --output bench-report/results.md
+	@echo "summary: bench-report/results.md"
 
 # benchmarks/gpu_check.sh without a GPU: every step that needs none (budget
 # check, build, collecting the CUDA tests and headline benchmarks, the summary).

@@ -27,6 +27,7 @@ else:
     DTYPE, SEQS = torch.float32, [256, 1024, 4096]
     SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_math": SDPBackend.MATH}
 IMPLS = ["pyattn", *SDPA_BACKENDS, "naive"]
+PARTNER = "sdpa_flash"  # the counterpart the issues' targets name
 
 
 def attention(impl, q, k, v, causal, dropout_p=0.0):
@@ -66,30 +67,44 @@ def measure_case(measure, impl, seq, dim, passes, causal, dropout_p=0.0):
                    f"{'causal' if causal else 'full'}{dropout}", dropout_p)
 
 
-def measure_shapes(measure, impl, q_shape, kv_shape, passes, causal, group, dropout_p=0.0):
-    """Time one (q, k, v) shape; FLOPs from the number of visible (query, key) pairs."""
-    (batch, heads, seq_q, dim), seq = q_shape, kv_shape[2]
+def attention_step(impl, q_shape, kv_shape, passes, causal, dropout_p=0.0):
+    """One forward (or forward + backward) of ``impl`` on fresh seeded inputs,
+    or the reason the SDPA backend ``impl`` does not take them here."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(*shape_, device=DEVICE, dtype=DTYPE, requires_grad=passes != "forward")
                for shape_ in (q_shape, kv_shape, kv_shape))
     reason = unavailable(impl, q, k, v, causal, dropout_p)
     if reason:
-        pytest.skip(f"{impl} unavailable: {reason}")
+        return reason
     if passes == "forward":
         def step():
             with torch.no_grad():
                 return attention(impl, q, k, v, causal, dropout_p)
-    else:
-        grad = torch.randn_like(q)
+        return step
+    grad = torch.randn_like(q)
 
-        def step():
-            for t in (q, k, v):
-                t.grad = None
-            attention(impl, q, k, v, causal, dropout_p).backward(grad)
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        attention(impl, q, k, v, causal, dropout_p).backward(grad)
+    return step
+
+
+def measure_shapes(measure, impl, q_shape, kv_shape, passes, causal, group, dropout_p=0.0):
+    """Time one (q, k, v) shape; FLOPs from the number of visible (query, key) pairs.
+    pyattn's rounds alternate with SDPA flash's (conftest.measure's partner)."""
+    (batch, heads, seq_q, dim), seq = q_shape, kv_shape[2]
+    step = attention_step(impl, q_shape, kv_shape, passes, causal, dropout_p)
+    if isinstance(step, str):
+        pytest.skip(f"{impl} unavailable: {step}")
+    partner = None
+    if impl == "pyattn":
+        partner_step = attention_step(PARTNER, q_shape, kv_shape, passes, causal, dropout_p)
+        partner = None if isinstance(partner_step, str) else (PARTNER, partner_step)
     flops = 4 * batch * heads * seq_q * seq * dim * (0.5 if causal and seq_q > 1 else 1.0)
     flops *= 1.0 if passes == "forward" else 3.5
     rounds = 2 if seq_q >= 4096 else 3 if seq_q > 1 else 20
-    measure(step, group, impl, rounds=rounds, flops=flops)
+    measure(step, group, impl, rounds=rounds, partner=partner, flops=flops)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -13,9 +13,8 @@ MODEL = "gpt-micro" if DEVICE.type == "cpu" else "gpt-mini"
 BATCH = 16 if DEVICE.type == "cpu" else 64
 
 
-@pytest.mark.parametrize("block_size", [128, 512])
-@pytest.mark.parametrize("attn", ["pyattn", "sdpa", "naive"])
-def test_training_step(measure, attn, block_size):
+def training_step(attn, block_size):
+    """One AdamW step of the model with attention ``attn`` on a seeded batch."""
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset(MODEL, vocab_size=86, block_size=block_size, dropout=0.0,
                                  attn=attn)).to(DEVICE)
@@ -29,8 +28,16 @@ def test_training_step(measure, attn, block_size):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    measure(step, f"gpt {MODEL} training step, block {block_size}", attn, rounds=5,
-            tokens=BATCH * block_size)
+    return step
+
+
+@pytest.mark.parametrize("block_size", [128, 512])
+@pytest.mark.parametrize("attn", ["pyattn", "sdpa", "naive"])
+def test_training_step(measure, attn, block_size):
+    """pyattn's rounds alternate with SDPA's (conftest.measure's partner)."""
+    partner = ("sdpa", training_step("sdpa", block_size)) if attn == "pyattn" else None
+    measure(training_step(attn, block_size), f"gpt {MODEL} training step, block {block_size}",
+            attn, rounds=5, partner=partner, tokens=BATCH * block_size)
 
 
 @pytest.mark.parametrize("cache", ["kv-cache", "no-cache"])

@@ -58,9 +58,8 @@ CONV_TYPE = {"zeros": "fconv", "reflect": "reflect", "replicate": "replicate",
              "circular": "circular"}
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("layer, passes, mode", list(_layer_cases()))
-def test_layer(measure, layer, passes, mode, impl):
+def layer_step(impl, layer, passes, mode):
+    """One call of the layer's forward (or forward + backward) with ``impl``'s conv."""
     name, batch, c_in, c_out, size, stride = layer
     torch.manual_seed(0)
     conv = IMPLS[impl](c_in, c_out, 3, stride, 2, bias=False, padding_mode=mode)
@@ -71,28 +70,39 @@ def test_layer(measure, layer, passes, mode, impl):
         def step():
             with torch.no_grad():
                 return conv(x)
-    else:
-        grad = torch.randn_like(conv(x))
+        return step
+    grad = torch.randn_like(conv(x))
 
-        def step():
-            conv.weight.grad = None
-            conv(x).backward(grad)
-    rounds = 3 if name == "large" else 5
+    def step():
+        conv.weight.grad = None
+        conv(x).backward(grad)
+    return step
+
+
+def partner(impl, make_step):
+    """pyattn's rows alternate their rounds with nn.Conv2d's (conftest.measure)."""
+    return ("torch", make_step("torch")) if impl == "pyattn" else None
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("layer, passes, mode", list(_layer_cases()))
+def test_layer(measure, layer, passes, mode, impl):
+    name, batch, c_in, c_out, size, stride = layer
     flops = conv_flops(batch, c_in, c_out, size, stride)
     if passes != "forward":
-        flops *= 3 if x.requires_grad else 2
-    measure(step, f"padded_conv {name} {passes} {mode}", impl, rounds=rounds, flops=flops,
-            dtype=str(DTYPE))
+        flops *= 3 if c_in > 3 else 2  # the first layer's input needs no gradient
+    make_step = lambda impl_: layer_step(impl_, layer, passes, mode)
+    measure(make_step(impl), f"padded_conv {name} {passes} {mode}", impl,
+            rounds=3 if name == "large" else 5, partner=partner(impl, make_step),
+            flops=flops, dtype=str(DTYPE))
 
 
 NET1_STEP_FLOPS = sum(conv_flops(*layer[1:]) * (2 if layer[2] == 3 else 3)
                       for layer in LAYERS[:4])  # conv1's input needs no gradient
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("mode", [pytest.param(m, id=m + ("-headline" if DEVICE.type == "cuda"
-                                                          else "")) for m in MODES])
-def test_net1_training_step(measure, mode, impl):
+def net1_step(impl, mode):
+    """One Net1 training step (forward, backward, Adadelta) with ``impl``'s convs."""
     torch.manual_seed(0)
     model = PaddingNet("Net1", CONV_TYPE[mode], IMPLS[impl]).to(DEVICE)
     optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0, rho=0.9, eps=1e-6,
@@ -104,5 +114,13 @@ def test_net1_training_step(measure, mode, impl):
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
-    measure(step, f"padded_conv Net1 training step {mode}", impl, rounds=5,
-            flops=NET1_STEP_FLOPS)
+    return step
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("mode", [pytest.param(m, id=m + ("-headline" if DEVICE.type == "cuda"
+                                                          else "")) for m in MODES])
+def test_net1_training_step(measure, mode, impl):
+    make_step = lambda impl_: net1_step(impl_, mode)
+    measure(make_step(impl), f"padded_conv Net1 training step {mode}", impl, rounds=5,
+            partner=partner(impl, make_step), flops=NET1_STEP_FLOPS)

@@ -90,13 +90,9 @@ def device_bytes(impl, nodes, edges, features, passes):
     return dense_rows + edges * 16 * (1 if passes == "forward" else 3)
 
 
-def run_case(measure, rowptr, col, features, reduce, passes, impl, name):
+def case_step(impl, rowptr, col, x, reduce, passes):
+    """One product (and its backward) of ``impl``; pytest.skip where it has no row."""
     nodes = rowptr.numel() - 1
-    if DEVICE.type == "cuda" and \
-            device_bytes(impl, nodes, col.numel(), features, passes) > MEMORY_LIMIT:
-        pytest.skip(f"needs more than {MEMORY_LIMIT / 1e9:.0f} GB")
-    rowptr, col = rowptr.to(DEVICE), col.to(DEVICE)
-    x = torch.randn(nodes, features, device=DEVICE, requires_grad=passes != "forward")
     lengths = rowptr.diff()
     mean_weights = (1.0 / lengths.clamp(min=1).float()).repeat_interleave(lengths)
     if impl == "pyattn":
@@ -118,13 +114,27 @@ def run_case(measure, rowptr, col, features, reduce, passes, impl, name):
         dense = torch.sparse_csr_tensor(rowptr, col, values, (nodes, nodes)).to_dense()
         fn = lambda: dense @ x
     if passes == "forward":
-        step = lambda: fn().detach()
-    else:
-        grad = torch.randn(nodes, features, device=DEVICE)
+        return lambda: fn().detach()
+    grad = torch.randn(nodes, x.shape[1], device=DEVICE)
 
-        def step():
-            x.grad = None
-            fn().backward(grad)
+    def step():
+        x.grad = None
+        fn().backward(grad)
+    return step
+
+
+def run_case(measure, rowptr, col, features, reduce, passes, impl, name):
+    """Time one case; pyattn's rounds alternate with torch.sparse.mm's
+    (conftest.measure's partner)."""
+    nodes = rowptr.numel() - 1
+    if DEVICE.type == "cuda" and \
+            device_bytes(impl, nodes, col.numel(), features, passes) > MEMORY_LIMIT:
+        pytest.skip(f"needs more than {MEMORY_LIMIT / 1e9:.0f} GB")
+    rowptr, col = rowptr.to(DEVICE), col.to(DEVICE)
+    x = torch.randn(nodes, features, device=DEVICE, requires_grad=passes != "forward")
+    step = case_step(impl, rowptr, col, x, reduce, passes)
+    partner = ("torch_sparse", case_step("torch_sparse", rowptr, col, x, reduce, passes)) \
+        if impl == "pyattn" else None
     edges = col.numel()
     moved = edges * (8 + 4) + edges * features * 4 + nodes * features * 4
     moved *= 1 if passes == "forward" else 3  # backward: transposed product + edge reads
@@ -132,7 +142,7 @@ def run_case(measure, rowptr, col, features, reduce, passes, impl, name):
     if DEVICE.type == "cuda":
         info["copy_bandwidth_gbps"] = copy_bandwidth_gbps()
     measure(step, f"spmm {name} F{features} {reduce} {passes}", impl,
-            rounds=3 if edges * features > 5e7 else 5, **info)
+            rounds=3 if edges * features > 5e7 else 5, partner=partner, **info)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -179,9 +189,12 @@ def test_csr_transpose(measure, graph, impl):
     the stable torch sort it replaces (reference.csr_transpose)."""
     nodes, degree = graph
     rowptr, col = (t.to(DEVICE) for t in power_law_graph(nodes, degree))
-    build = pyattn.ops.spmm.csr_transpose if impl == "pyattn" else reference.csr_transpose
+    builders = {"pyattn": pyattn.ops.spmm.csr_transpose, "torch_sort": reference.csr_transpose}
+    build = builders[impl]
+    partner = ("torch_sort", lambda: builders["torch_sort"](rowptr, col, nodes)) \
+        if impl == "pyattn" else None
     edges = col.numel()
     # reads rowptr and col, writes csc_ptr, csc_row and csc_perm (int64)
     moved = (nodes + 1) * 8 * 2 + edges * (8 + 8 + 8)
     measure(lambda: build(rowptr, col, nodes), f"csr_transpose power-law n={nodes:.0e} deg={degree}",
-            impl, rounds=3 if edges > 5e6 else 5, bytes=moved)
+            impl, rounds=3 if edges > 5e6 else 5, partner=partner, bytes=moved)

@@ -1,8 +1,10 @@
 """Shared pieces of the pyattn benchmarks (pytest-benchmark).
 
 Every benchmark times pyattn and its PyTorch counterpart in the same run and
-records peak memory in ``extra_info``; ``benchmarks/summarize.py`` turns the
-JSON report into the tables of RESULTS.md.
+records peak memory in ``extra_info``; pyattn's rows also time the counterpart
+the issues name in rounds alternating with their own (``partner``: the speedup
+RESULTS.md quotes, robust to a noisy host). ``benchmarks/summarize.py`` turns
+the JSON report into the tables of RESULTS.md.
 
 The machine's roofline (float32 matrix-product rate through torch's BLAS or
 cuBLAS, and memory copy bandwidth) is measured once per session, when the first
@@ -10,6 +12,7 @@ benchmark runs, printed at the end of the run and stored in the JSON report's
 ``machine_info["roofline"]``, so every row that records ``flops`` or ``bytes``
 can be set against the machine's own limit.
 """
+import statistics
 import time
 
 import pytest
@@ -19,7 +22,7 @@ from pyattn.profiling import peak_memory
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROOFLINE = pytest.StashKey[dict]()
-ROUND_BUDGET_S, MAX_ROUNDS = 0.5, 100
+ROUND_BUDGET_S, MAX_ROUNDS, PAIRED_ROUNDS = 0.5, 100, 9
 
 
 def synchronized(fn):
@@ -97,12 +100,30 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.write_line(describe_roofline(config.stash[ROOFLINE]))
 
 
+def paired_speedup(ours: list, partners: list) -> dict:
+    """Median and quartiles of partner / ours over rounds timed back to back:
+    noise that lasts longer than a round (another tenant, clock changes) slows
+    both sides of a round alike and cancels in its ratio."""
+    ratios = sorted(p / o for p, o in zip(partners, ours))
+    q1, median, q3 = (statistics.quantiles(ratios, n=4, method="inclusive")
+                      if len(ratios) > 1 else ratios * 3)
+    return {"speedup": median, "speedup_q1": q1, "speedup_q3": q3, "rounds": len(ratios),
+            "median_s": statistics.median(ours), "partner_median_s": statistics.median(partners)}
+
+
 @pytest.fixture
 def measure(benchmark, roofline):
-    """measure(fn, group, impl, rounds=5): time fn and record its peak memory.
-    ``rounds`` is a minimum: fast cases run as many rounds as fit in
-    ROUND_BUDGET_S (at most MAX_ROUNDS), so that their median is stable."""
-    def run(fn, group, impl, rounds=5, **info):
+    """measure(fn, group, impl, rounds=5, partner=None): time fn and record its
+    peak memory. ``rounds`` is a minimum: fast cases run as many rounds as fit
+    in ROUND_BUDGET_S (at most MAX_ROUNDS), so that their median is stable.
+
+    ``partner=(name, fn)``, given to pyattn's rows: the PyTorch counterpart the
+    issues set the targets against, run (and timed) right before each of fn's
+    rounds, at least PAIRED_ROUNDS pairs; extra_info["paired"] holds the
+    per-round speedups' median and quartiles (:func:`paired_speedup`), the
+    figure RESULTS.md quotes. The partner also has its own row (its own test),
+    timed alone like every other implementation."""
+    def run(fn, group, impl, rounds=5, partner=None, **info):
         fn = synchronized(fn)
         if DEVICE.type == "cpu":
             # let BLAS threads that spin after the previous benchmark go to sleep:
@@ -111,9 +132,24 @@ def measure(benchmark, roofline):
         start = time.perf_counter()
         fn()  # warm up (allocator, kernel caches)
         once = time.perf_counter() - start
+        setup, partner_times = None, []
+        if partner is not None:
+            partner_name, partner_fn = partner[0], synchronized(partner[1])
+            start = time.perf_counter()
+            partner_fn()
+            once += time.perf_counter() - start
+            rounds = max(rounds, PAIRED_ROUNDS)
+
+            def setup():
+                start = time.perf_counter()
+                partner_fn()
+                partner_times.append(time.perf_counter() - start)
         rounds = max(rounds, min(MAX_ROUNDS, int(ROUND_BUDGET_S / max(once, 1e-6))))
         benchmark.group = group
         benchmark.extra_info.update(info, impl=impl, device=str(DEVICE),
                                     peak_memory_mb=peak_memory(fn, DEVICE) / 2**20)
-        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)
+        benchmark.pedantic(fn, setup=setup, rounds=rounds, warmup_rounds=0, iterations=1)
+        if partner is not None:
+            benchmark.extra_info["paired"] = dict(
+                paired_speedup(benchmark.stats.stats.data, partner_times), partner=partner_name)
     return run

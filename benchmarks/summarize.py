@@ -6,8 +6,12 @@ rows that record ``flops`` show GFLOP/s and their fraction of the matrix-product
 rate (bfloat16 for half-precision rows on a GPU when known, else float32);
 rows that record ``bytes`` show GB/s and their fraction of copy bandwidth.
 CPU peak memory under 1 MiB is below the measurement's resolution and reads
-"< 1". With ``--steps`` (written by benchmarks/gpu_check.sh) a table of the
-steps comes first: pass / fail counts read from each step's pytest log.
+"< 1". The speedup over the counterpart that pyattn's row was paired with
+(``extra_info["paired"]``) is in bold: the median of per-round ratios of
+alternating rounds, with its quartiles and both sides' medians over those
+rounds; other speedups are ratios of medians of separately timed rows. With ``--steps`` (written by benchmarks/gpu_check.sh)
+a table of the steps comes first: pass / fail counts read from each step's
+pytest log.
 
     python benchmarks/summarize.py report.json > table.md
     python benchmarks/summarize.py --steps steps.tsv --output results.md a.json b.json
@@ -23,6 +27,7 @@ import os
 import re
 
 CPU_RESOLUTION_MIB = 1.0
+SPREAD_FLAG = 0.10  # interquartile range / median of a paired speedup worth a flag
 HALF_DTYPES = ("float16", "bfloat16", "torch.float16", "torch.bfloat16")
 OUTCOMES = ("passed", "failed", "errors", "skipped", "deselected")
 STATUS = {0: "ok", 5: "nothing selected", 124: "TIMED OUT (stopped at its cap)",
@@ -61,6 +66,16 @@ def format_rate(info: dict, median_s: float, roofline: dict) -> str:
     return ""
 
 
+def format_paired(paired: dict) -> str:
+    """A paired speedup (benchmarks/conftest.py): median [quartiles] over its
+    rounds, flagged where the quartiles lie 10% of the median or more apart."""
+    spread = (paired["speedup_q3"] - paired["speedup_q1"]) / paired["speedup"]
+    text = (f"**{paired['speedup']:.2f}x** [{paired['speedup_q1']:.2f}-"
+            f"{paired['speedup_q3']:.2f}] in {paired['rounds']} pairs "
+            f"({paired['partner_median_s'] * 1e3:.2f} / {paired['median_s'] * 1e3:.2f} ms)")
+    return text + (f", spread {100 * spread:.0f}%" if spread >= SPREAD_FLAG else "")
+
+
 def describe_machine(report: dict) -> str:
     machine = report.get("machine_info", {})
     text = (f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}, "
@@ -91,7 +106,11 @@ def benchmark_table(report: dict) -> list:
             info, median_s = bench["extra_info"], bench["stats"]["median"]
             speedup = ""
             if ours is not None and impl != "pyattn":
-                speedup = f"{median_s / ours['stats']['median']:.2f}x"
+                paired = ours["extra_info"].get("paired")
+                if paired and paired["partner"] == impl:
+                    speedup = format_paired(paired)
+                else:
+                    speedup = f"{median_s / ours['stats']['median']:.2f}x"
             lines.append(f"| {group} | {impl} | {median_s * 1e3:.2f} | {speedup} | "
                          f"{format_rate(info, median_s, roofline)} | {format_peak(info)} |")
     return lines

@@ -1,6 +1,7 @@
 """The pieces of benchmarks/gpu_check.sh that need no GPU: the summary writer
 (benchmarks/summarize.py) and the capped pytest run whose JSON must survive the
 cap (benchmarks/capped_pytest.py). The whole script's dry run is a CI step."""
+import importlib.util
 import json
 import os
 import signal
@@ -40,6 +41,63 @@ def test_benchmark_table_sets_rates_against_the_roofline():
     assert rows[2] == "| spmm | pyattn | 20.00 |  | 5.0 GB/s (50% of copy) | < 1 |"
     # a GPU bf16 row: no bf16 ceiling in this roofline, so no fraction; exact peak kept
     assert rows[3] == "| attn | pyattn | 1.00 |  | 100,000.0 GFLOP/s | 0.5 |"
+
+
+def test_paired_speedup_is_the_median_of_per_round_ratios():
+    # benchmarks/conftest.py under another name: tests/ has a conftest of its own
+    spec = importlib.util.spec_from_file_location(
+        "benchmarks_conftest", os.path.join(REPO, "benchmarks", "conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    paired_speedup = module.paired_speedup
+    # rounds 2 and 4 ran on a slowed host (both sides alike): their ratios stay 2
+    ours, partners = [1.0, 3.0, 1.0, 3.0, 1.0], [2.0, 6.0, 2.2, 6.0, 1.6]
+    paired = paired_speedup(ours, partners)
+    assert paired == {"speedup": 2.0, "speedup_q1": 2.0, "speedup_q3": 2.0, "rounds": 5,
+                      "median_s": 1.0, "partner_median_s": 2.2}
+    assert paired_speedup([1.0], [3.0]) == {"speedup": 3.0, "speedup_q1": 3.0, "speedup_q3": 3.0,
+                                            "rounds": 1, "median_s": 1.0, "partner_median_s": 3.0}
+
+
+def test_benchmark_table_quotes_the_paired_speedup():
+    paired = {"partner": "torch", "speedup": 1.5, "speedup_q1": 1.4, "speedup_q3": 1.7,
+              "rounds": 9, "median_s": 0.02, "partner_median_s": 0.03}
+    report = {"datetime": "2026-11-28T01:00:00", "machine_info": {},
+              "benchmarks": [_bench("conv", "pyattn", 0.02, device="cpu", paired=paired),
+                             _bench("conv", "torch", 0.06, device="cpu"),
+                             _bench("conv", "naive", 0.08, device="cpu")]}
+    rows = summarize.benchmark_table(report)[4:]
+    # quartiles 20% of the median apart: flagged; the unpaired row keeps the ratio of medians
+    assert rows[1] == ("| conv | torch | 60.00 | **1.50x** [1.40-1.70] in 9 pairs "
+                       "(30.00 / 20.00 ms), spread 20% |  |  |")
+    assert rows[2] == "| conv | naive | 80.00 | 4.00x |  |  |"
+    paired.update(speedup_q1=1.45, speedup_q3=1.55)
+    assert summarize.benchmark_table(report)[5].endswith("(30.00 / 20.00 ms) |  |  |")
+
+
+PAIRED_BENCH_FILE = """
+import time
+def test_pair(measure):
+    measure(lambda: time.sleep(0.002), "pair", "pyattn", rounds=3,
+            partner=("torch", lambda: time.sleep(0.008)))
+"""
+
+
+def test_measure_alternates_rounds_with_the_partner(tmp_path):
+    """The real fixture (benchmarks/conftest.py): the partner runs before each
+    of pyattn's rounds, at least PAIRED_ROUNDS of them, and the speedup is theirs."""
+    (tmp_path / "bench_pair.py").write_text(PAIRED_BENCH_FILE)
+    report = tmp_path / "report.json"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
+                    "conftest", "bench_pair.py", f"--benchmark-json={report}"], cwd=tmp_path,
+                   env=dict(os.environ, PYTHONPATH=os.path.join(REPO, "benchmarks")),
+                   check=True, stdout=subprocess.DEVNULL)
+    bench, = json.loads(report.read_text())["benchmarks"]
+    paired = bench["extra_info"]["paired"]
+    assert paired["partner"] == "torch"
+    assert paired["rounds"] == bench["stats"]["rounds"] >= 9
+    # sleeps of 8 ms against 2 ms: the ratio is about 4 whatever the scheduler adds
+    assert 2.0 < paired["speedup_q1"] <= paired["speedup"] <= paired["speedup_q3"] < 5.0
 
 
 def test_step_table_reads_pytest_counts(tmp_path):

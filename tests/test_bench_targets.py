@@ -1,0 +1,49 @@
+"""benchmarks/targets.py: issue 12's targets read from a benchmark report."""
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import targets  # noqa: E402
+
+
+def _row(group, impl, median_s, paired=None, **info):
+    info = dict(info, impl=impl)
+    if paired:
+        speedup, partner_s = paired
+        info["paired"] = {"partner": "torch", "speedup": speedup, "speedup_q1": speedup - 0.1,
+                          "speedup_q3": speedup + 0.1, "rounds": 9, "median_s": median_s,
+                          "partner_median_s": partner_s}
+    return {"group": group, "stats": {"median": median_s}, "extra_info": info}
+
+
+REPORT = {"machine_info": {"roofline": {"sgemm_gflops": 100.0, "copy_gbps": 10.0}},
+          "benchmarks": [
+              _row("padded_conv Net1 training step zeros", "pyattn", 0.1, (1.05, 0.105),
+                   flops=4e9),
+              _row("padded_conv Net1 training step zeros", "torch", 0.1),
+              _row("padded_conv Net1 training step reflect", "pyattn", 0.12, (1.6, 0.192),
+                   flops=4e9),
+              _row("padded_conv Net1 training step replicate", "pyattn", 0.09, (1.4, 0.126),
+                   flops=4e9),
+              _row("attention seq 256 d 64 forward full", "pyattn", 0.01, (0.5, 0.005)),
+              _row("spmm cora F16 mean forward", "pyattn", 0.001, (1.3, 0.0013), bytes=1e6)]}
+
+
+def test_speedup_table_counts_each_target_against_its_bar():
+    lines = targets.speedup_table(REPORT)
+    text = "\n".join(lines)
+    assert "| **Net1 training step, zeros: >= 1.1x** | **0 of 1** |" in text
+    assert "| **Net1 training step, reflect / replicate: >= 1.5x** | **1 of 2** |" in text
+    # 4e9 flops in 0.1 s = 40 GFLOP/s = 40% of sgemm; the partner's 0.105 s = 38%
+    assert ("|  | no | padded_conv Net1 training step zeros | 1.05x [0.95-1.15] | "
+            "100.00 ms, 40% of sgemm | torch 105.00 ms, 38% of sgemm |") in lines
+    # seq 256 is outside the issue's 512-8192
+    assert "seq 256" not in text
+    assert "|  | yes | spmm cora F16 mean forward | 1.30x [1.20-1.40] | 1.00 ms, 10% of copy |" \
+        in text
+
+
+def test_padding_table_sets_each_mode_against_zeros():
+    lines = targets.padding_table(REPORT)
+    assert lines[2] == "| padded_conv Net1 training step | 1.20x | 0.90x |  |"
