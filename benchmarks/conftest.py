@@ -118,11 +118,13 @@ def measure(benchmark, roofline):
     in ROUND_BUDGET_S (at most MAX_ROUNDS), so that their median is stable.
 
     ``partner=(name, fn)``, given to pyattn's rows: the PyTorch counterpart the
-    issues set the targets against, run (and timed) right before each of fn's
-    rounds, at least PAIRED_ROUNDS pairs; extra_info["paired"] holds the
-    per-round speedups' median and quartiles (:func:`paired_speedup`), the
-    figure RESULTS.md quotes. The partner also has its own row (its own test),
-    timed alone like every other implementation."""
+    issues set the targets against, run (and timed) next to each of fn's
+    rounds, at least PAIRED_ROUNDS pairs, before fn in even rounds and after it
+    in odd ones (P F F P P F ...), so that what one call leaves behind (cache
+    contents, spinning threads) falls on both sides alike; extra_info["paired"]
+    holds the per-round speedups' median and quartiles (:func:`paired_speedup`),
+    the figure RESULTS.md quotes. The partner also has its own row (its own
+    test), timed alone like every other implementation."""
     def run(fn, group, impl, rounds=5, partner=None, **info):
         fn = synchronized(fn)
         if DEVICE.type == "cpu":
@@ -132,7 +134,8 @@ def measure(benchmark, roofline):
         start = time.perf_counter()
         fn()  # warm up (allocator, kernel caches)
         once = time.perf_counter() - start
-        setup, partner_times = None, []
+        setup = teardown = None
+        partner_times, round_index = [], [0]
         if partner is not None:
             partner_name, partner_fn = partner[0], synchronized(partner[1])
             start = time.perf_counter()
@@ -140,16 +143,27 @@ def measure(benchmark, roofline):
             once += time.perf_counter() - start
             rounds = max(rounds, PAIRED_ROUNDS)
 
-            def setup():
+            def timed_partner():
                 start = time.perf_counter()
                 partner_fn()
                 partner_times.append(time.perf_counter() - start)
+
+            def setup():  # pedantic calls it before each round, teardown after
+                if round_index[0] % 2 == 0:
+                    timed_partner()
+
+            def teardown():
+                if round_index[0] % 2 == 1:
+                    timed_partner()
+                round_index[0] += 1
         rounds = max(rounds, min(MAX_ROUNDS, int(ROUND_BUDGET_S / max(once, 1e-6))))
         benchmark.group = group
         benchmark.extra_info.update(info, impl=impl, device=str(DEVICE),
                                     peak_memory_mb=peak_memory(fn, DEVICE) / 2**20)
-        benchmark.pedantic(fn, setup=setup, rounds=rounds, warmup_rounds=0, iterations=1)
-        if partner is not None:
+        benchmark.pedantic(fn, setup=setup, teardown=teardown, rounds=rounds, warmup_rounds=0,
+                           iterations=1)
+        if partner is not None and benchmark.stats:  # no stats under --benchmark-disable
+            ours = benchmark.stats.stats.data  # (--benchmark-cprofile runs one more pair)
             benchmark.extra_info["paired"] = dict(
-                paired_speedup(benchmark.stats.stats.data, partner_times), partner=partner_name)
+                paired_speedup(ours, partner_times[:len(ours)]), partner=partner_name)
     return run

@@ -27,6 +27,7 @@ REPORT = {"machine_info": {"roofline": {"sgemm_gflops": 100.0, "copy_gbps": 10.0
               _row("padded_conv Net1 training step replicate", "pyattn", 0.09, (1.4, 0.126),
                    flops=4e9),
               _row("attention seq 256 d 64 forward full", "pyattn", 0.01, (0.5, 0.005)),
+              _row("attention seq 1024 d 64 forward full", "pyattn", 0.01),
               _row("spmm cora F16 mean forward", "pyattn", 0.001, (1.3, 0.0013), bytes=1e6)]}
 
 
@@ -38,8 +39,11 @@ def test_speedup_table_counts_each_target_against_its_bar():
     # 4e9 flops in 0.1 s = 40 GFLOP/s = 40% of sgemm; the partner's 0.105 s = 38%
     assert ("|  | no | padded_conv Net1 training step zeros | 1.05x [0.95-1.15] | "
             "100.00 ms, 40% of sgemm | torch 105.00 ms, 38% of sgemm |") in lines
-    # seq 256 is outside the 512-8192
+    # seq 256 is outside the 512-8192; a row without a pair counts as a miss
     assert "seq 256" not in text
+    assert "| **attention forward, seq 1024 / 4096, d 64 / 128, causal or not: >= 1.1x** | " \
+        "**0 of 1** |" in text
+    assert "|  | ? | attention seq 1024 d 64 forward full | not paired |" in text
     assert "|  | yes | spmm cora F16 mean forward | 1.30x [1.20-1.40] | 1.00 ms, 10% of copy |" \
         in text
 

@@ -77,15 +77,21 @@ def test_benchmark_table_quotes_the_paired_speedup():
 
 PAIRED_BENCH_FILE = """
 import time
-def test_pair(measure):
-    measure(lambda: time.sleep(0.002), "pair", "pyattn", rounds=3,
-            partner=("torch", lambda: time.sleep(0.008)))
+calls = []
+def test_pair(measure, benchmark):
+    measure(lambda: (calls.append("F"), time.sleep(0.002)), "pair", "pyattn", rounds=3,
+            partner=("torch", lambda: (calls.append("P"), time.sleep(0.008))))
+    rounds = len(benchmark.stats.stats.data)
+    # the timed calls: the partner before pyattn's call in even rounds, after it in odd
+    assert "".join(calls[-2 * rounds:]) == "".join("PF" if r % 2 == 0 else "FP"
+                                                   for r in range(rounds))
 """
 
 
 def test_measure_alternates_rounds_with_the_partner(tmp_path):
-    """The real fixture (benchmarks/conftest.py): the partner runs before each
-    of pyattn's rounds, at least PAIRED_ROUNDS of them, and the speedup is theirs."""
+    """The real fixture (benchmarks/conftest.py): the partner runs next to each
+    of pyattn's rounds, before and after in turn, at least PAIRED_ROUNDS of
+    them, and the speedup is theirs."""
     (tmp_path / "bench_pair.py").write_text(PAIRED_BENCH_FILE)
     report = tmp_path / "report.json"
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
@@ -93,6 +99,14 @@ def test_measure_alternates_rounds_with_the_partner(tmp_path):
                    env=dict(os.environ, PYTHONPATH=os.path.join(REPO, "benchmarks")),
                    check=True, stdout=subprocess.DEVNULL)
     bench, = json.loads(report.read_text())["benchmarks"]
+    # a smoke run (--benchmark-disable: each call once, no statistics) has no pairs to record
+    (tmp_path / "bench_smoke.py").write_text(
+        "def test_smoke(measure):\n"
+        "    measure(lambda: None, 'smoke', 'pyattn', partner=('torch', lambda: None))\n")
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
+                    "conftest", "bench_smoke.py", "--benchmark-disable"], cwd=tmp_path,
+                   env=dict(os.environ, PYTHONPATH=os.path.join(REPO, "benchmarks")),
+                   check=True, stdout=subprocess.DEVNULL)
     paired = bench["extra_info"]["paired"]
     assert paired["partner"] == "torch"
     assert paired["rounds"] == bench["stats"]["rounds"] >= 9
