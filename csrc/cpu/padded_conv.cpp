@@ -108,7 +108,8 @@ void scatter_add_plane(const T* src, const int32_t* index, T* dst, int64_t n) {
 // col2im's scalar scatter gains up to kShortRow (Net1's conv4: 6x6; measured:
 // 10-30% faster grad input there, no gain at 10 or 18 per row); im2col's
 // AVX-512 gathers up to kGatherRow (Net1's conv3: 10x10).
-constexpr int64_t kShortRow = 8, kGatherRow = 12;
+constexpr int64_t kShortRow = 8;
+[[maybe_unused]] constexpr int64_t kGatherRow = 12;  // used where PYATTN_AVX512_GATHER
 
 // rows / columns: source_table of the height / width axis.
 std::vector<int32_t> plane_table(const ConvGeometry& g, const std::vector<int64_t>& rows,
