@@ -9,9 +9,9 @@ CPU peak memory under 1 MiB is below the measurement's resolution and reads
 "< 1". The speedup over the counterpart that pyattn's row was paired with
 (``extra_info["paired"]``) is in bold: the median of per-round ratios of
 alternating rounds, with its quartiles and both sides' medians over those
-rounds; other speedups are ratios of medians of separately timed rows. With ``--steps`` (written by benchmarks/gpu_check.sh)
-a table of the steps comes first: pass / fail counts read from each step's
-pytest log.
+rounds; other speedups are ratios of medians of separately timed rows. With
+``--steps`` (written by benchmarks/gpu_check.sh) a table of the steps comes
+first: pass / fail counts read from each step's pytest log.
 
     python benchmarks/summarize.py report.json > table.md
     python benchmarks/summarize.py --steps steps.tsv --output results.md a.json b.json

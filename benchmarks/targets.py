@@ -15,6 +15,8 @@ import argparse
 import json
 import re
 
+from summarize import format_rate
+
 # (title, bar, group pattern): the issue's wording; sequence lengths 512-8192
 # on the CPU suite are its 1024 and 4096.
 SPEEDUP_TARGETS = [
@@ -34,18 +36,9 @@ SPEEDUP_TARGETS = [
      r"spmm .* (sum|mean) forward\+backward(\+transpose)?$"),
     ("spmm forward, sum and mean", 1.2, r"spmm .* (sum|mean) forward$"),
 ]
-PADDING_GROUPS = [r"padded_conv Net1 training step ", r"padded_conv large forward ",
-                  r"padded_conv large forward\+backward "]
+PADDING_GROUPS = ["padded_conv Net1 training step ", "padded_conv large forward ",
+                  "padded_conv large forward+backward "]  # + the padding mode
 MODES = ("reflect", "replicate", "circular")
-
-
-def rate(info: dict, seconds: float, roofline: dict) -> str:
-    """Achieved GFLOP/s or GB/s of `seconds` per call, as % of the roofline."""
-    if info.get("flops") and roofline.get("sgemm_gflops"):
-        return f"{100 * info['flops'] / seconds / 1e9 / roofline['sgemm_gflops']:.0f}% of sgemm"
-    if info.get("bytes") and roofline.get("copy_gbps"):
-        return f"{100 * info['bytes'] / seconds / 1e9 / roofline['copy_gbps']:.0f}% of copy"
-    return ""
 
 
 def pyattn_rows(report: dict) -> dict:
@@ -68,12 +61,14 @@ def speedup_table(report: dict) -> list:
                 lines.append(f"|  | ? | {group} | not paired |  |  |")
                 continue
             paired = info["paired"]
+            ours_s, theirs_s = paired["median_s"], paired["partner_median_s"]
             lines.append(
                 f"|  | {'yes' if paired['speedup'] >= bar else 'no'} | {group} | "
-                f"{paired['speedup']:.2f}x [{paired['speedup_q1']:.2f}-{paired['speedup_q3']:.2f}] | "
-                f"{paired['median_s'] * 1e3:.2f} ms, {rate(info, paired['median_s'], roofline)} | "
-                f"{paired['partner']} {paired['partner_median_s'] * 1e3:.2f} ms, "
-                f"{rate(info, paired['partner_median_s'], roofline)} |")
+                f"{paired['speedup']:.2f}x "
+                f"[{paired['speedup_q1']:.2f}-{paired['speedup_q3']:.2f}] | "
+                f"{ours_s * 1e3:.2f} ms, {format_rate(info, ours_s, roofline)} | "
+                f"{paired['partner']} {theirs_s * 1e3:.2f} ms, "
+                f"{format_rate(info, theirs_s, roofline)} |")
     return lines
 
 
@@ -81,15 +76,12 @@ def padding_table(report: dict) -> list:
     rows = pyattn_rows(report)
     lines = ["| shape | " + " | ".join(MODES) + " |", "| --- |" + " --- |" * len(MODES)]
     for prefix in PADDING_GROUPS:
-        zeros = next((b for g, b in rows.items() if re.fullmatch(prefix + "zeros", g)), None)
+        zeros = rows.get(prefix + "zeros")
         if zeros is None:
             continue
-        cells = []
-        for mode in MODES:
-            other = next((b for g, b in rows.items() if re.fullmatch(prefix + mode, g)), None)
-            cells.append(f"{other['stats']['median'] / zeros['stats']['median']:.2f}x"
-                         if other else "")
-        lines.append(f"| {prefix.replace(chr(92), '').strip()} | " + " | ".join(cells) + " |")
+        cells = [f"{rows[prefix + mode]['stats']['median'] / zeros['stats']['median']:.2f}x"
+                 if prefix + mode in rows else "" for mode in MODES]
+        lines.append(f"| {prefix.strip()} | " + " | ".join(cells) + " |")
     return lines
 
 

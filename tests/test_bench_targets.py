@@ -38,14 +38,15 @@ def test_speedup_table_counts_each_target_against_its_bar():
     assert "| **Net1 training step, reflect / replicate: >= 1.5x** | **1 of 2** |" in text
     # 4e9 flops in 0.1 s = 40 GFLOP/s = 40% of sgemm; the partner's 0.105 s = 38%
     assert ("|  | no | padded_conv Net1 training step zeros | 1.05x [0.95-1.15] | "
-            "100.00 ms, 40% of sgemm | torch 105.00 ms, 38% of sgemm |") in lines
+            "100.00 ms, 40.0 GFLOP/s (40% of sgemm) | "
+            "torch 105.00 ms, 38.1 GFLOP/s (38% of sgemm) |") in lines
     # seq 256 is outside the 512-8192; a row without a pair counts as a miss
     assert "seq 256" not in text
     assert "| **attention forward, seq 1024 / 4096, d 64 / 128, causal or not: >= 1.1x** | " \
         "**0 of 1** |" in text
     assert "|  | ? | attention seq 1024 d 64 forward full | not paired |" in text
-    assert "|  | yes | spmm cora F16 mean forward | 1.30x [1.20-1.40] | 1.00 ms, 10% of copy |" \
-        in text
+    assert ("|  | yes | spmm cora F16 mean forward | 1.30x [1.20-1.40] | "
+            "1.00 ms, 1.0 GB/s (10% of copy) |") in text
 
 
 def test_padding_table_sets_each_mode_against_zeros():
