@@ -6,7 +6,9 @@ fconv), Net1's whole training step, and one larger layer (batch 64, 64->64,
 its floating-point operations in extra_info["flops"] (2 N Cout Ho Wo Cin/groups
 KH KW per pass; forward+backward = 3 passes, 2 when the input needs no
 gradient) so GFLOP/s can be reported. Cases whose id contains ``headline`` are
-the few cheap GPU cases of ``benchmarks/gpu_check.sh``.
+the few cheap GPU cases of ``benchmarks/gpu_check.sh``. The padding-cost cases
+pair pyattn's reflect / replicate / circular modes with its own zeros mode on
+Net1's step and the large layer.
 
     python -m pytest benchmarks/bench_padded_conv.py --benchmark-only
 """
@@ -124,3 +126,24 @@ def test_net1_training_step(measure, mode, impl):
     make_step = lambda impl_: net1_step(impl_, mode)
     measure(make_step(impl), f"padded_conv Net1 training step {mode}", impl, rounds=5,
             partner=partner(impl, make_step), flops=NET1_STEP_FLOPS)
+
+
+PADDING_COST_SHAPES = ["Net1 training step", "large forward", "large forward+backward"]
+
+
+@pytest.mark.parametrize("mode", MODES[1:])
+@pytest.mark.parametrize("shape", PADDING_COST_SHAPES)
+def test_padding_cost(measure, shape, mode):
+    """pyattn in a padding mode paired with pyattn's zeros mode of the same
+    shape (issue 12: the padding should cost nothing, i.e. a paired speedup of
+    at least 1.0x over "pyattn zeros")."""
+    if shape == "Net1 training step":
+        make_step = lambda mode_: net1_step("pyattn", mode_)
+        info = dict(rounds=5, flops=NET1_STEP_FLOPS)
+    else:
+        layer, passes = LAYERS[-1], shape.split()[1]
+        make_step = lambda mode_: layer_step("pyattn", layer, passes, mode_)
+        info = dict(rounds=3, flops=conv_flops(*layer[1:]) * (1 if passes == "forward" else 3),
+                    dtype=str(DTYPE))
+    measure(make_step(mode), f"padded_conv padding cost {shape} {mode}", "pyattn",
+            partner=("pyattn zeros", make_step("zeros")), **info)

@@ -9,7 +9,8 @@ CPU peak memory under 1 MiB is below the measurement's resolution and reads
 "< 1". The speedup over the counterpart that pyattn's row was paired with
 (``extra_info["paired"]``) is in bold: the median of per-round ratios of
 alternating rounds, with its quartiles and both sides' medians over those
-rounds; other speedups are ratios of medians of separately timed rows. With
+rounds (a partner with no row of its own, such as pyattn's zeros mode in the
+padding-cost rows, gets one from the pairs); other speedups are ratios of medians of separately timed rows. With
 ``--steps`` (written by benchmarks/gpu_check.sh) a table of the steps comes
 first: pass / fail counts read from each step's pytest log.
 
@@ -113,6 +114,12 @@ def benchmark_table(report: dict) -> list:
                     speedup = f"{median_s / ours['stats']['median']:.2f}x"
             lines.append(f"| {group} | {impl} | {median_s * 1e3:.2f} | {speedup} | "
                          f"{format_rate(info, median_s, roofline)} | {format_peak(info)} |")
+        paired = ours["extra_info"].get("paired") if ours is not None else None
+        if paired and paired["partner"] not in impls:  # timed only in the pairs
+            median_s = paired["partner_median_s"]
+            lines.append(f"| {group} | {paired['partner']} (in the pairs) | {median_s * 1e3:.2f} | "
+                         f"{format_paired(paired)} | "
+                         f"{format_rate(ours['extra_info'], median_s, roofline)} |  |")
     return lines
 
 

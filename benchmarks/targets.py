@@ -7,9 +7,9 @@ miss reads with its reason. Markdown on standard output.
 
     python benchmarks/targets.py report.json
 
-"padding costs nothing" compares pyattn's rows of one shape across padding
-modes; those rows are timed separately (not paired), so their ratios carry
-the host's drift. Only the standard library (as summarize.py).
+"Padding costs nothing" reads the padding-cost rows of bench_padded_conv.py:
+pyattn in each padding mode paired with pyattn's zeros mode of the same shape.
+Only the standard library (as summarize.py).
 """
 import argparse
 import json
@@ -35,10 +35,9 @@ SPEEDUP_TARGETS = [
     ("spmm forward+backward, sum and mean, F 16-256 and Cora", 1.5,
      r"spmm .* (sum|mean) forward\+backward(\+transpose)?$"),
     ("spmm forward, sum and mean", 1.2, r"spmm .* (sum|mean) forward$"),
+    ("padding costs nothing: reflect / replicate / circular against pyattn's zeros mode", 1.0,
+     r"padded_conv padding cost "),
 ]
-PADDING_GROUPS = ["padded_conv Net1 training step ", "padded_conv large forward ",
-                  "padded_conv large forward+backward "]  # + the padding mode
-MODES = ("reflect", "replicate", "circular")
 
 
 def pyattn_rows(report: dict) -> dict:
@@ -72,19 +71,6 @@ def speedup_table(report: dict) -> list:
     return lines
 
 
-def padding_table(report: dict) -> list:
-    rows = pyattn_rows(report)
-    lines = ["| shape | " + " | ".join(MODES) + " |", "| --- |" + " --- |" * len(MODES)]
-    for prefix in PADDING_GROUPS:
-        zeros = rows.get(prefix + "zeros")
-        if zeros is None:
-            continue
-        cells = [f"{rows[prefix + mode]['stats']['median'] / zeros['stats']['median']:.2f}x"
-                 if prefix + mode in rows else "" for mode in MODES]
-        lines.append(f"| {prefix.strip()} | " + " | ".join(cells) + " |")
-    return lines
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,9 +78,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     with open(args.report) as f:
         report = json.load(f)
-    print("\n".join(speedup_table(report) + [
-        "", "pyattn's time in each padding mode over its zeros mode, same shape "
-        "(at most 1.00x: padding costs nothing):", ""] + padding_table(report)))
+    print("\n".join(speedup_table(report)))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,15 @@ def test_speedup_table_counts_each_target_against_its_bar():
             "1.00 ms, 1.0 GB/s (10% of copy) |") in text
 
 
-def test_padding_table_sets_each_mode_against_zeros():
-    lines = targets.padding_table(REPORT)
-    assert lines[2] == "| padded_conv Net1 training step | 1.20x | 0.90x |  |"
+def test_padding_cost_rows_are_a_target_against_pyattns_zeros_mode():
+    report = {"benchmarks": [
+        _row("padded_conv padding cost Net1 training step reflect", "pyattn", 0.1, (1.01, 0.101)),
+        _row("padded_conv padding cost large forward circular", "pyattn", 0.5, (0.97, 0.485)),
+        _row("padded_conv large forward reflect", "pyattn", 0.5, (1.2, 0.6))]}
+    text = "\n".join(targets.speedup_table(report))
+    assert ("| **padding costs nothing: reflect / replicate / circular against pyattn's zeros "
+            "mode: >= 1.0x** | **1 of 2** |") in text
+    assert "|  | no | padded_conv padding cost large forward circular | 0.97x [0.87-1.07] |" in text
+    # the large layer's own target does not take the padding-cost rows
+    assert "| **large layer, every mode, forward and forward+backward: >= 1.0x** | **1 of 1** |" \
+        in text

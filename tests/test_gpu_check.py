@@ -75,6 +75,22 @@ def test_benchmark_table_quotes_the_paired_speedup():
     assert summarize.benchmark_table(report)[5].endswith("(30.00 / 20.00 ms) |  |  |")
 
 
+
+def test_benchmark_table_gives_a_partner_timed_only_in_pairs_its_own_row():
+    paired = {"partner": "pyattn zeros", "speedup": 0.98, "speedup_q1": 0.97,
+              "speedup_q3": 0.99, "rounds": 9, "median_s": 0.1, "partner_median_s": 0.098}
+    report = {"datetime": "2026-11-28T01:00:00",
+              "machine_info": {"roofline": {"device": "cpu", "threads": 2,
+                                            "sgemm_gflops": 100.0, "copy_gbps": 10.0}},
+              "benchmarks": [_bench("padding cost reflect", "pyattn", 0.1, device="cpu",
+                                    paired=paired, flops=4.9e9)]}
+    rows = summarize.benchmark_table(report)[4:]
+    assert len(rows) == 2
+    # the partner's rate from the row's flops and the partner's median: 4.9e9 / 0.098 s
+    assert rows[1] == ("| padding cost reflect | pyattn zeros (in the pairs) | 98.00 | "
+                       "**0.98x** [0.97-0.99] in 9 pairs (98.00 / 100.00 ms) | "
+                       "50.0 GFLOP/s (50% of sgemm) |  |")
+
 PAIRED_BENCH_FILE = """
 import time
 calls = []
