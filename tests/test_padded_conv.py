@@ -151,15 +151,20 @@ def test_stride_two_rows_of_whole_vectors(dtype, mode, width, padding, dilation)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("height, width, stride, padding", [
-    (3, 3, 2, 1), (7, 3, 2, 1), (7, 13, 2, 2), (7, 15, 3, 2), (7, 19, 2, 1), (7, 21, 2, 2),
-    (7, 23, 2, 1), (13, 25, 2, 2)])
+    (3, 3, 2, 1), (7, 3, 2, 1), (7, 13, 2, 2), (7, 15, 3, 2), (7, 16, 2, 1), (7, 17, 2, 2),
+    (7, 19, 2, 1), (7, 21, 2, 2), (7, 23, 2, 1), (13, 25, 2, 2), (5, 32, 2, 1), (5, 32, 2, 0),
+    (7, 35, 3, 1)])
 def test_gathered_planes(dtype, mode, height, width, stride, padding):
-    # Strided rows of at most 12 outputs (8 without AVX-512) are gathered
-    # through per-tap plane tables in im2col (forward, grad weight), with
-    # AVX-512 gathers of 16 floats / 8 doubles where the CPU has them: 2-12
-    # outputs per row (Net1's conv3: 10, conv4: 6), planes of 4-60 outputs
-    # that end in a partial vector or fill whole ones (4 x 12 = 48), padded
-    # lanes masked to zero; 14 outputs per row take the row loops again.
+    # Small strided planes in im2col (forward, grad weight). With AVX-512:
+    # input rows of at most 32 floats / 16 doubles with at most 16 / 8 outputs
+    # per row are picked by a two-register permute per output row (widths 3,
+    # 16 (one whole register), 17, 32 (two) with 16 / 15 outputs: a full and
+    # a partial vector of outputs; Net1's conv3: 18 -> 10, conv4: 10 -> 6);
+    # wider rows of at most 12 outputs (35 at stride 3; doubles from 17) are
+    # gathered through per-tap plane tables, 16 floats / 8 doubles per
+    # gather, padded lanes masked to zero (planes of 4-60 outputs: partial
+    # and whole vectors); doubles' 14-16 outputs per row take the row loops.
+    # Without AVX-512, rows of at most 8 outputs take the plane tables, scalar.
     x = torch.randn(3, 2, height, width, dtype=dtype)
     w = torch.randn(4, 2, 3, 3, dtype=dtype)
     _check(x, w, torch.randn(4, dtype=dtype), stride, padding, 1, 1, mode)

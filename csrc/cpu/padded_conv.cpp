@@ -82,6 +82,76 @@ bool cpu_has_avx512f() {
   static const bool has = __builtin_cpu_supports("avx512f");
   return has;
 }
+
+// One column row of im2col for input rows of at most two vectors (32 floats,
+// 16 doubles) and output rows of at most one (16 / 8): per output row, its
+// input row loaded whole (masked loads), the tap's source columns picked by
+// one two-register permute (lanes of padding columns zeroed), one masked
+// store. `columns`: the tap's source_table entries of the width axis as lane
+// indices, -1 for zero padding, one vector's worth (lanes past out_w: -1).
+// Against gather_plane_avx512 on the plane tables, this moves a row with three
+// cheap instructions instead of a share of a 16-lane gather (measured on
+// Net1's conv3 / conv4). A copy: bit for bit the other paths' columns.
+__attribute__((target("avx512f"))) void im2col_plane_permute(const float* src, int64_t width,
+                                                             const int64_t* row_src,
+                                                             int64_t out_h, const int32_t* columns,
+                                                             int64_t out_w, float* dst) {
+  const __m512i idx = _mm512_loadu_si512(columns);
+  const __mmask16 keep = _mm512_cmpge_epi32_mask(idx, _mm512_setzero_si512());
+  const __mmask16 out_lanes = __mmask16((1u << out_w) - 1);
+  const __mmask16 low = width >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << width) - 1);
+  const __mmask16 high = width > 16 ? __mmask16((1u << (width - 16)) - 1) : __mmask16(0);
+  for (int64_t oh = 0; oh < out_h; ++oh, dst += out_w) {
+    __m512 values = _mm512_setzero_ps();
+    if (row_src[oh] >= 0) {
+      const float* row = src + row_src[oh] * width;
+      values = _mm512_maskz_permutex2var_ps(keep, _mm512_maskz_loadu_ps(low, row), idx,
+                                            _mm512_maskz_loadu_ps(high, row + 16));
+    }
+    _mm512_mask_storeu_ps(dst, out_lanes, values);
+  }
+}
+
+__attribute__((target("avx512f"))) void im2col_plane_permute(const double* src, int64_t width,
+                                                             const int64_t* row_src,
+                                                             int64_t out_h, const int32_t* columns,
+                                                             int64_t out_w, double* dst) {
+  const __m512i idx = _mm512_maskz_cvtepi32_epi64(  // (maskz: GCC 12 warns on the unmasked form)
+      __mmask8(0xFF),
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(columns)));
+  const __mmask8 keep = _mm512_cmpge_epi64_mask(idx, _mm512_setzero_si512());
+  const __mmask8 out_lanes = __mmask8((1u << out_w) - 1);
+  const __mmask8 low = width >= 8 ? __mmask8(0xFF) : __mmask8((1u << width) - 1);
+  const __mmask8 high = width > 8 ? __mmask8((1u << (width - 8)) - 1) : __mmask8(0);
+  for (int64_t oh = 0; oh < out_h; ++oh, dst += out_w) {
+    __m512d values = _mm512_setzero_pd();
+    if (row_src[oh] >= 0) {
+      const double* row = src + row_src[oh] * width;
+      values = _mm512_maskz_permutex2var_pd(keep, _mm512_maskz_loadu_pd(low, row), idx,
+                                            _mm512_maskz_loadu_pd(high, row + 8));
+    }
+    _mm512_mask_storeu_pd(dst, out_lanes, values);
+  }
+}
+
+// Per tap column kw, im2col_plane_permute's lane indices (16 entries each), or
+// empty where it does not apply: no AVX-512, stride 1 along the width (plain
+// row copies serve), input rows over two vectors or output rows over one.
+template <typename T>
+std::vector<int32_t> permute_columns(const ConvGeometry& g, const std::vector<int64_t>& columns) {
+  constexpr int64_t lanes = 64 / sizeof(T);
+  if (!cpu_has_avx512f() || g.w.stride == 1 || g.w.size > 2 * lanes ||
+      g.w.out_size > lanes) {
+    return {};
+  }
+  std::vector<int32_t> table(g.w.kernel * 16, -1);
+  for (int64_t kw = 0; kw < g.w.kernel; ++kw) {
+    for (int64_t ow = 0; ow < g.w.out_size; ++ow) {
+      table[kw * 16 + ow] = static_cast<int32_t>(columns[kw * g.w.out_size + ow]);
+    }
+  }
+  return table;
+}
 #endif
 
 template <typename T>
@@ -107,7 +177,8 @@ void scatter_add_plane(const T* src, const int32_t* index, T* dst, int64_t n) {
 // when the plane does not fit 32-bit offsets.
 // col2im's scalar scatter gains up to kShortRow (Net1's conv4: 6x6; measured:
 // 10-30% faster grad input there, no gain at 10 or 18 per row); im2col's
-// AVX-512 gathers up to kGatherRow (Net1's conv3: 10x10).
+// AVX-512 gathers up to kGatherRow where im2col_plane_permute does not apply
+// (input rows over 32 floats / 16 doubles). max_row 0: no table.
 constexpr int64_t kShortRow = 8;
 [[maybe_unused]] constexpr int64_t kGatherRow = 12;  // used where PYATTN_AVX512_GATHER
 
@@ -239,7 +310,9 @@ void im2col_kernel(const T* input, T* cols, int64_t batch, const ConvGeometry& g
   const int64_t out_h = g.h.out_size, out_w = g.w.out_size;
   const int64_t plane = g.input_plane();
 #if PYATTN_AVX512_GATHER
-  const int64_t max_row = cpu_has_avx512f() ? kGatherRow : kShortRow;
+  // The permuted rows where they apply, else the plane tables' gathers.
+  const std::vector<int32_t> permuted = permute_columns<T>(g, columns);
+  const int64_t max_row = !permuted.empty() ? 0 : cpu_has_avx512f() ? kGatherRow : kShortRow;
 #else
   const int64_t max_row = kShortRow;
 #endif
@@ -250,28 +323,38 @@ void im2col_kernel(const T* input, T* cols, int64_t batch, const ConvGeometry& g
   // im2col_plane_stride_two (Net1's 18 outputs per row gain); shorter rows stay
   // inline, where neither the call nor the vector code costs anything.
   const bool vector_rows = g.w.stride == 2 && out_w >= cpu::kLanes<T>;
-  // One task per column row (c, kh, kw, sample): a contiguous out_h x out_w block.
-  at::parallel_for(0, g.col_rows() * batch, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t sample = r % batch, col_row = r / batch;
-      if (!table.empty()) {
-        gather_plane(input + (sample * g.channels + col_row / taps) * plane,
-                     table.data() + (col_row % taps) * out_plane, cols + r * out_plane,
-                     out_plane);
-        continue;
-      }
-      const int64_t kw = col_row % kw_count;
-      const int64_t kh = (col_row / kw_count) % kh_count;
-      const int64_t channel = col_row / (kw_count * kh_count);
-      const T* src = input + (sample * g.channels + channel) * plane;
-      const int64_t* row_src = rows.data() + kh * out_h;
-      const int64_t* col_src = columns.data() + kw * out_w;
-      T* dst = cols + r * out_h * out_w;
-      if (vector_rows) {
-        im2col_plane_stride_two(src, g.w.size, row_src, out_h, col_src, out_w, insides[kw], dst);
-      } else {
-        im2col_plane_body<T, false>(src, g.w.size, row_src, out_h, col_src, out_w, insides[kw],
-                                    g.w.stride, dst);
+  // One task per input plane (sample, channel), its taps' column rows (each a
+  // contiguous out_h x out_w block, batch planes apart) written one after
+  // another while the plane is in L1: taps in the outer loop and samples in
+  // the inner one left each plane to be fetched again per tap (the permuted
+  // rows' input loads were a third of Net1 conv4's im2col-and-GEMM time).
+  at::parallel_for(0, batch * g.channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t sample = task / g.channels, channel = task % g.channels;
+      const T* src = input + task * plane;
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        const int64_t kh = tap / kw_count, kw = tap % kw_count;
+        T* dst = cols + ((channel * taps + tap) * batch + sample) * out_plane;
+#if PYATTN_AVX512_GATHER
+        if (!permuted.empty()) {
+          im2col_plane_permute(src, g.w.size, rows.data() + kh * out_h, out_h,
+                               permuted.data() + kw * 16, out_w, dst);
+          continue;
+        }
+#endif
+        if (!table.empty()) {
+          gather_plane(src, table.data() + tap * out_plane, dst, out_plane);
+          continue;
+        }
+        const int64_t* row_src = rows.data() + kh * out_h;
+        const int64_t* col_src = columns.data() + kw * out_w;
+        if (vector_rows) {
+          im2col_plane_stride_two(src, g.w.size, row_src, out_h, col_src, out_w, insides[kw],
+                                  dst);
+        } else {
+          im2col_plane_body<T, false>(src, g.w.size, row_src, out_h, col_src, out_w,
+                                      insides[kw], g.w.stride, dst);
+        }
       }
     }
   });
