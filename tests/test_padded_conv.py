@@ -130,6 +130,18 @@ def test_many_row_tiles(mode):
     _check(x, w, torch.randn(3, dtype=torch.float64), (2, 1), 2, 1, 1, mode)
 
 
+@pytest.mark.parametrize("dtype, width", [(torch.float32, 32), (torch.float64, 16)])
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "circular"])
+def test_permuted_rows_in_row_tiles(dtype, width, mode):
+    # 6400 column rows x 16 (8) outputs of 4 (8) bytes = 400 KB per output row:
+    # tiles of 2 rows (6 here) whose width-32 float (width-16 double) rows go
+    # through the AVX-512 permute (test_gathered_planes), each tile's rows
+    # shifted along the height only.
+    x = torch.randn(2, 256, 11, width, dtype=dtype)
+    w = torch.randn(4, 256, 5, 5, dtype=dtype)
+    _check(x, w, torch.randn(4, dtype=dtype), (1, 2), 2, 1, 1, mode)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("width, padding, dilation",
@@ -151,15 +163,16 @@ def test_stride_two_rows_of_whole_vectors(dtype, mode, width, padding, dilation)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("height, width, stride, padding", [
-    (3, 3, 2, 1), (7, 3, 2, 1), (7, 13, 2, 2), (7, 15, 3, 2), (7, 16, 2, 1), (7, 17, 2, 2),
-    (7, 19, 2, 1), (7, 21, 2, 2), (7, 23, 2, 1), (13, 25, 2, 2), (5, 32, 2, 1), (5, 32, 2, 0),
-    (7, 35, 3, 1)])
+    (3, 3, 2, 1), (7, 3, 2, 1), (7, 8, 2, 5), (7, 9, 2, 1), (7, 13, 2, 2), (7, 15, 3, 2),
+    (7, 16, 2, 1), (7, 17, 2, 2), (7, 19, 2, 1), (7, 21, 2, 2), (7, 23, 2, 1), (13, 25, 2, 2),
+    (5, 32, 2, 1), (5, 32, 2, 0), (7, 35, 3, 1)])
 def test_gathered_planes(dtype, mode, height, width, stride, padding):
     # Small strided planes in im2col (forward, grad weight). With AVX-512:
     # input rows of at most 32 floats / 16 doubles with at most 16 / 8 outputs
     # per row are picked by a two-register permute per output row (widths 3,
-    # 16 (one whole register), 17, 32 (two) with 16 / 15 outputs: a full and
-    # a partial vector of outputs; Net1's conv3: 18 -> 10, conv4: 10 -> 6);
+    # 8 / 16 (one whole register of doubles / floats), 9 / 17 (one lane more),
+    # 32 (two) with 16 / 15 outputs: a full and a partial vector of outputs;
+    # Net1's conv3: 18 -> 10, conv4: 10 -> 6);
     # wider rows of at most 12 outputs (35 at stride 3; doubles from 17) are
     # gathered through per-tap plane tables, 16 floats / 8 doubles per
     # gather, padded lanes masked to zero (planes of 4-60 outputs: partial
