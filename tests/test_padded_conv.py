@@ -172,12 +172,9 @@ def test_gathered_planes(dtype, mode, height, width, stride, padding):
     # per row are picked by a two-register permute per output row (widths 3,
     # 8 / 16 (one whole register of doubles / floats), 9 / 17 (one lane more),
     # 32 (two) with 16 / 15 outputs: a full and a partial vector of outputs;
-    # Net1's conv3: 18 -> 10, conv4: 10 -> 6);
-    # wider rows of at most 12 outputs (35 at stride 3; doubles from 17) are
-    # gathered through per-tap plane tables, 16 floats / 8 doubles per
-    # gather, padded lanes masked to zero (planes of 4-60 outputs: partial
-    # and whole vectors); doubles' 14-16 outputs per row take the row loops.
-    # Without AVX-512, rows of at most 8 outputs take the plane tables, scalar.
+    # Net1's conv3: 18 -> 10, conv4: 10 -> 6). Elsewhere (no AVX-512, wider
+    # rows: 35 at stride 3, doubles from 17) rows of at most 8 outputs are
+    # read through per-tap plane tables, longer ones by the row loops.
     x = torch.randn(3, 2, height, width, dtype=dtype)
     w = torch.randn(4, 2, 3, 3, dtype=dtype)
     _check(x, w, torch.randn(4, dtype=dtype), stride, padding, 1, 1, mode)

@@ -17,9 +17,9 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-#define PYATTN_AVX512_GATHER 1
+#define PYATTN_AVX512_PERMUTE 1
 #else
-#define PYATTN_AVX512_GATHER 0
+#define PYATTN_AVX512_PERMUTE 0
 #endif
 
 namespace pyattn {
@@ -37,47 +37,14 @@ std::vector<int64_t> source_table(const Axis& a, PadMode mode) {
 }
 
 // dst[p] = src[index[p]], or 0 where index[p] < 0 (zero padding): one column
-// row of a strided convolution from its tap's plane table. Scalar here (GCC
-// emits no vector gathers for it under generic tuning); gather_plane_avx512
-// below where the CPU has AVX-512.
+// row of a strided convolution from its tap's plane table (scalar: GCC emits
+// no vector gathers for it under generic tuning).
 template <typename T>
-void gather_plane_scalar(const T* src, const int32_t* index, T* dst, int64_t n) {
+void gather_plane(const T* src, const int32_t* index, T* dst, int64_t n) {
   for (int64_t p = 0; p < n; ++p) dst[p] = index[p] < 0 ? T(0) : src[index[p]];
 }
 
-#if PYATTN_AVX512_GATHER
-// gather_plane_scalar with AVX-512 gathers: 16 floats or 8 doubles per
-// instruction, lanes whose index is negative masked off (a masked lane reads
-// no memory) and left 0; the tail through masked loads and stores. A copy, so
-// the result is the scalar loop's, bit for bit.
-__attribute__((target("avx512f"))) void gather_plane_avx512(const float* src,
-                                                            const int32_t* index, float* dst,
-                                                            int64_t n) {
-  const __m512i zero = _mm512_setzero_si512();
-  for (int64_t p = 0; p < n; p += 16) {
-    const __mmask16 lanes = n - p >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - p)) - 1);
-    const __m512i idx = _mm512_maskz_loadu_epi32(lanes, index + p);
-    const __mmask16 inside = _mm512_mask_cmpge_epi32_mask(lanes, idx, zero);
-    _mm512_mask_storeu_ps(dst + p, lanes,
-                          _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside, idx, src, 4));
-  }
-}
-
-__attribute__((target("avx512f"))) void gather_plane_avx512(const double* src,
-                                                            const int32_t* index, double* dst,
-                                                            int64_t n) {
-  for (int64_t p = 0; p < n; p += 8) {
-    // 8 indices (the tail's padded with -1); negative ones have the sign bit set
-    int32_t block[8] = {-1, -1, -1, -1, -1, -1, -1, -1};
-    const int64_t count = std::min<int64_t>(n - p, 8);
-    std::memcpy(block, index + p, count * sizeof(int32_t));
-    const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block));
-    const __mmask8 inside = __mmask8(~_mm256_movemask_ps(_mm256_castsi256_ps(idx)));
-    _mm512_mask_storeu_pd(dst + p, __mmask8((1u << count) - 1),
-                          _mm512_mask_i32gather_pd(_mm512_setzero_pd(), inside, idx, src, 8));
-  }
-}
-
+#if PYATTN_AVX512_PERMUTE
 bool cpu_has_avx512f() {
   static const bool has = __builtin_cpu_supports("avx512f");
   return has;
@@ -89,9 +56,9 @@ bool cpu_has_avx512f() {
 // one two-register permute (lanes of padding columns zeroed), one masked
 // store. `columns`: the tap's source_table entries of the width axis as lane
 // indices, -1 for zero padding, one vector's worth (lanes past out_w: -1).
-// Against gather_plane_avx512 on the plane tables, this moves a row with three
-// cheap instructions instead of a share of a 16-lane gather (measured on
-// Net1's conv3 / conv4). A copy: bit for bit the other paths' columns.
+// Measured on Net1's conv3 / conv4 against AVX-512 gathers through the plane
+// tables: a row in three cheap instructions beats a share of a 16-lane gather.
+// A copy: bit for bit the other paths' columns.
 __attribute__((target("avx512f"))) void im2col_plane_permute(const float* src, int64_t width,
                                                              const int64_t* row_src,
                                                              int64_t out_h, const int32_t* columns,
@@ -154,14 +121,6 @@ std::vector<int32_t> permute_columns(const ConvGeometry& g, const std::vector<in
 }
 #endif
 
-template <typename T>
-void gather_plane(const T* src, const int32_t* index, T* dst, int64_t n) {
-#if PYATTN_AVX512_GATHER
-  if (cpu_has_avx512f()) return gather_plane_avx512(src, index, dst, n);
-#endif
-  gather_plane_scalar(src, index, dst, n);
-}
-
 // dst[index[p]] += src[p] where index[p] >= 0, in order of p: the transpose.
 template <typename T>
 void scatter_add_plane(const T* src, const int32_t* index, T* dst, int64_t n) {
@@ -171,21 +130,17 @@ void scatter_add_plane(const T* src, const int32_t* index, T* dst, int64_t n) {
 }
 
 // For convolutions strided along the width with output rows of at most
-// `max_row` outputs, where the per-row work of the row loops dominates: per
-// tap (kh, kw), the input offset ih * W + iw (or -1) read by each output
-// position, at [(kh * KW + kw) * Ho*Wo + oh * Wo + ow]. Empty otherwise, or
-// when the plane does not fit 32-bit offsets.
-// col2im's scalar scatter gains up to kShortRow (Net1's conv4: 6x6; measured:
-// 10-30% faster grad input there, no gain at 10 or 18 per row); im2col's
-// AVX-512 gathers up to kGatherRow where im2col_plane_permute does not apply
-// (input rows over 32 floats / 16 doubles). max_row 0: no table.
+// kShortRow (Net1's conv4: 6x6), where the per-row work of the row loops
+// dominates (measured: 10-30% faster forward and grad input there; no gain at
+// 10 or 18 per row): per tap (kh, kw), the input offset ih * W + iw (or -1)
+// read by each output position, at [(kh * KW + kw) * Ho*Wo + oh * Wo + ow].
+// Empty otherwise, or when the plane does not fit 32-bit offsets.
 constexpr int64_t kShortRow = 8;
-[[maybe_unused]] constexpr int64_t kGatherRow = 12;  // used where PYATTN_AVX512_GATHER
 
 // rows / columns: source_table of the height / width axis.
 std::vector<int32_t> plane_table(const ConvGeometry& g, const std::vector<int64_t>& rows,
-                                 const std::vector<int64_t>& columns, int64_t max_row) {
-  if (g.w.stride == 1 || g.w.out_size > max_row ||
+                                 const std::vector<int64_t>& columns) {
+  if (g.w.stride == 1 || g.w.out_size > kShortRow ||
       g.input_plane() > std::numeric_limits<int32_t>::max()) {
     return {};
   }
@@ -309,14 +264,14 @@ void im2col_kernel(const T* input, T* cols, int64_t batch, const ConvGeometry& g
   const int64_t kh_count = g.h.kernel, kw_count = g.w.kernel;
   const int64_t out_h = g.h.out_size, out_w = g.w.out_size;
   const int64_t plane = g.input_plane();
-#if PYATTN_AVX512_GATHER
-  // The permuted rows where they apply, else the plane tables' gathers.
+#if PYATTN_AVX512_PERMUTE
+  // The permuted rows where they apply, else the plane tables.
   const std::vector<int32_t> permuted = permute_columns<T>(g, columns);
-  const int64_t max_row = !permuted.empty() ? 0 : cpu_has_avx512f() ? kGatherRow : kShortRow;
+  const std::vector<int32_t> table =
+      permuted.empty() ? plane_table(g, rows, columns) : std::vector<int32_t>();
 #else
-  const int64_t max_row = kShortRow;
+  const std::vector<int32_t> table = plane_table(g, rows, columns);
 #endif
-  const std::vector<int32_t> table = plane_table(g, rows, columns, max_row);
   const std::vector<Interior> insides = interiors(g.w);
   const int64_t taps = kh_count * kw_count, out_plane = g.out_plane();
   // Rows read at stride 2 and at least one vector long go through the cloned
@@ -335,7 +290,7 @@ void im2col_kernel(const T* input, T* cols, int64_t batch, const ConvGeometry& g
       for (int64_t tap = 0; tap < taps; ++tap) {
         const int64_t kh = tap / kw_count, kw = tap % kw_count;
         T* dst = cols + ((channel * taps + tap) * batch + sample) * out_plane;
-#if PYATTN_AVX512_GATHER
+#if PYATTN_AVX512_PERMUTE
         if (!permuted.empty()) {
           im2col_plane_permute(src, g.w.size, rows.data() + kh * out_h, out_h,
                                permuted.data() + kw * 16, out_w, dst);
@@ -442,7 +397,7 @@ void col2im_kernel(const T* cols, T* grad_input, int64_t batch, const ConvGeomet
   const int64_t out_h = g.h.out_size, out_w = g.w.out_size, plane = g.out_plane();
   const int64_t taps = g.h.kernel * g.w.kernel;
   const int64_t stride = g.w.stride;
-  const std::vector<int32_t> table = plane_table(g, rows, columns, kShortRow);
+  const std::vector<int32_t> table = plane_table(g, rows, columns);
   const std::vector<Interior> insides = interiors(g.w);
   const bool vector_rows = stride == 2 && out_w >= cpu::kLanes<T>;  // as in im2col_kernel
   // One task per (sample, channel) plane: every input element is written by one task.
