@@ -151,10 +151,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         return (out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)) \
             if return_lse else out
     if backend == "cpp":
-        out, lse = torch.ops.pyattn.flash_attention_forward(q, k, v, causal, scale, dropout_p, seed)
+        op = torch.ops.pyattn.flash_attention_forward.default
     else:
-        out, lse = torch.ops.pyattn.flash_attention_triton_forward(q, k, v, causal, scale,
-                                                                   dropout_p, seed)
+        op = torch.ops.pyattn.flash_attention_triton_forward.default
+    out, lse = autograd_kernel.call(op, q, k, v, causal, scale, dropout_p, seed)
     return (out, lse) if return_lse else out
 
 

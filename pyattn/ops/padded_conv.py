@@ -101,8 +101,8 @@ def padded_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     unbatched = isinstance(input, torch.Tensor) and input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
-    out = torch.ops.pyattn.padded_conv2d(input, weight, bias, stride_hw, pads, dilation_hw,
-                                         groups, padding_mode)
+    out = autograd_kernel.call(torch.ops.pyattn.padded_conv2d.default, input, weight, bias,
+                               stride_hw, pads, dilation_hw, groups, padding_mode)
     return out.squeeze(0) if unbatched else out
 
 

@@ -111,7 +111,7 @@ def spmm(rowptr: torch.Tensor, col: torch.Tensor, x: torch.Tensor,
     if len(csc) != 3:
         raise ValueError("spmm: `transpose` must be (csc_ptr, csc_row, csc_perm)")
     args = (rowptr, col, values, x, reduce, check, *csc)
-    out, _ = torch.ops.pyattn.spmm_csr(*args)
+    out, _ = autograd_kernel.call(torch.ops.pyattn.spmm_csr.default, *args)
     return out
 
 
