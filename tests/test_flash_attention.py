@@ -146,11 +146,12 @@ def test_cpp_head_dims(dim):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("seq_q, seq_k", [(1, 300), (129, 300)])
+@pytest.mark.parametrize("seq_q, seq_k", [(1, 300), (1, 4500), (8, 2300), (9, 300), (129, 300)])
 def test_cpp_single_query_tiles(dtype, seq_q, seq_k):
-    """Tiles of one query: decode (seq_q = 1) and the last tile of 129 queries
-    (tiles of 128), over several key tiles, with grouped heads and a head_dim
-    that is not a multiple of 16."""
+    """Few-query tiles: decode (up to 8 queries take tiles of 2048 keys: one,
+    three, two of them here), 9 queries (the usual tiles), and the last tile of
+    129 queries (tiles of 128), over several key tiles, with grouped heads and
+    a head_dim that is not a multiple of 16."""
     q, k, v = _inputs(2, 4, 2, seq_q, seq_k, 72, dtype)
     for causal in (False, True):
         _check_against_reference(q, k, v, causal, "cpp")
@@ -571,6 +572,18 @@ def test_cpp_dropout_against_reference_mask(dropout_p, causal):
     ours32 = _run(op, q.float(), k.float(), v.float(), grad, causal=causal)
     for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], ours32, exact):
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpp_dropout_in_decode_tiles(causal):
+    """3 queries against 2100 keys: two decode tiles (2048 keys, then 52), the
+    second's mask drawn from key 2048 on."""
+    q, k, v = _inputs(1, 2, 1, 3, 2100, 16, torch.float64)
+    seed = 1234567
+    out, lse = torch.ops.pyattn.flash_attention_forward(q, k, v, causal, 0.25, 0.3, seed)
+    want, want_lse = reference.attention(q, k, v, causal, 0.25, 0.3, seed)
+    torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("causal", [False, True])
