@@ -4,7 +4,8 @@ Forward and forward+backward, causal and not, head_dim 64 and 128; CPU: float32,
 seq 256 -> 4096 (batch 1, 8 heads); GPU: bfloat16, seq 512, 2048, 8192, 16384 (batch x
 seq = 16k tokens, 16 heads at head_dim 64, 8 at 128); plus single-query decode
 against a KV cache and grouped-query heads. Records time, TFLOP/s (4 B H Nq Nk D
-forward, halved when causal, x3.5 for forward+backward) and peak memory.
+forward, halved when causal, x3.5 for forward+backward; decode: GB/s of K and V
+read, the bound of a matrix-vector product) and peak memory.
 
     python -m pytest benchmarks/bench_flash_attention.py --benchmark-only
 """
@@ -101,10 +102,13 @@ def measure_shapes(measure, impl, q_shape, kv_shape, passes, causal, group, drop
     if impl == "pyattn":
         partner_step = attention_step(PARTNER, q_shape, kv_shape, passes, causal, dropout_p)
         partner = None if isinstance(partner_step, str) else (PARTNER, partner_step)
-    flops = 4 * batch * heads * seq_q * seq * dim * (0.5 if causal and seq_q > 1 else 1.0)
-    flops *= 1.0 if passes == "forward" else 3.5
+    if seq_q == 1:  # decode: a matrix-vector product per head, bound by reading K and V
+        rate = dict(bytes=2 * kv_shape[0] * kv_shape[1] * seq * dim * DTYPE.itemsize)
+    else:
+        flops = 4 * batch * heads * seq_q * seq * dim * (0.5 if causal else 1.0)
+        rate = dict(flops=flops * (1.0 if passes == "forward" else 3.5))
     rounds = 2 if seq_q >= 4096 else 3 if seq_q > 1 else 20
-    measure(step, group, impl, rounds=rounds, partner=partner, flops=flops)
+    measure(step, group, impl, rounds=rounds, partner=partner, **rate)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
