@@ -12,6 +12,7 @@ benchmark runs, printed at the end of the run and stored in the JSON report's
 ``machine_info["roofline"]``, so every row that records ``flops`` or ``bytes``
 can be set against the machine's own limit.
 """
+import math
 import statistics
 import time
 
@@ -100,14 +101,32 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.write_line(describe_roofline(config.stash[ROOFLINE]))
 
 
+def median_interval(ordered: list, confidence: float = 0.95):
+    """Distribution-free confidence interval of the median of sorted values:
+    (x_(k), x_(n+1-k)) for the largest k with P(Binomial(n, 1/2) < k) <= (1 -
+    confidence) / 2, which covers the median with at least that probability
+    whatever the distribution. None below 6 values (no such k)."""
+    n, tail, k = len(ordered), 0.0, 0
+    while True:  # tail = P(Binomial(n, 1/2) <= k)
+        tail += math.comb(n, k) / 2 ** n
+        if tail > (1 - confidence) / 2:
+            break
+        k += 1
+    return (ordered[k - 1], ordered[n - k]) if k >= 1 else None
+
+
 def paired_speedup(ours: list, partners: list) -> dict:
     """Median and quartiles of partner / ours over rounds timed back to back:
     noise that lasts longer than a round (another tenant, clock changes) slows
-    both sides of a round alike and cancels in its ratio."""
+    both sides of a round alike and cancels in its ratio. The quartiles say how
+    much single rounds vary; ``speedup_ci95`` how well the median is known,
+    which narrows as rounds are added."""
     ratios = sorted(p / o for p, o in zip(partners, ours))
     q1, median, q3 = (statistics.quantiles(ratios, n=4, method="inclusive")
                       if len(ratios) > 1 else ratios * 3)
+    interval = median_interval(ratios)
     return {"speedup": median, "speedup_q1": q1, "speedup_q3": q3, "rounds": len(ratios),
+            "speedup_ci95": list(interval) if interval else None,
             "median_s": statistics.median(ours), "partner_median_s": statistics.median(partners)}
 
 

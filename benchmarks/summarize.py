@@ -8,8 +8,9 @@ rows that record ``bytes`` show GB/s and their fraction of copy bandwidth.
 CPU peak memory under 1 MiB is below the measurement's resolution and reads
 "< 1". The speedup over the counterpart that pyattn's row was paired with
 (``extra_info["paired"]``) is in bold: the median of per-round ratios of
-alternating rounds, with its quartiles and both sides' medians over those
-rounds (a partner with no row of its own, such as pyattn's zeros mode in the
+alternating rounds, with its quartiles, both sides' medians over those
+rounds and, where recorded, the median's distribution-free 95% confidence
+interval (a partner with no row of its own, such as pyattn's zeros mode in the
 padding-cost rows, gets one from the pairs); other speedups are ratios of medians of separately timed rows. With
 ``--steps`` (written by benchmarks/gpu_check.sh) a table of the steps comes
 first: pass / fail counts read from each step's pytest log.
@@ -69,12 +70,15 @@ def format_rate(info: dict, median_s: float, roofline: dict) -> str:
 
 def format_paired(paired: dict) -> str:
     """A paired speedup (benchmarks/conftest.py): median [quartiles] over its
-    rounds, flagged where the quartiles lie 10% of the median or more apart."""
+    rounds, flagged where the quartiles lie 10% of the median or more apart,
+    then the median's 95% confidence interval where the run recorded one."""
     spread = (paired["speedup_q3"] - paired["speedup_q1"]) / paired["speedup"]
     text = (f"**{paired['speedup']:.2f}x** [{paired['speedup_q1']:.2f}-"
             f"{paired['speedup_q3']:.2f}] in {paired['rounds']} pairs "
             f"({paired['partner_median_s'] * 1e3:.2f} / {paired['median_s'] * 1e3:.2f} ms)")
-    return text + (f", spread {100 * spread:.0f}%" if spread >= SPREAD_FLAG else "")
+    text += f", spread {100 * spread:.0f}%" if spread >= SPREAD_FLAG else ""
+    interval = paired.get("speedup_ci95")
+    return text + (f", median {interval[0]:.2f}-{interval[1]:.2f} (95%)" if interval else "")
 
 
 def describe_machine(report: dict) -> str:

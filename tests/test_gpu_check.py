@@ -54,9 +54,24 @@ def test_paired_speedup_is_the_median_of_per_round_ratios():
     ours, partners = [1.0, 3.0, 1.0, 3.0, 1.0], [2.0, 6.0, 2.2, 6.0, 1.6]
     paired = paired_speedup(ours, partners)
     assert paired == {"speedup": 2.0, "speedup_q1": 2.0, "speedup_q3": 2.0, "rounds": 5,
-                      "median_s": 1.0, "partner_median_s": 2.2}
+                      "speedup_ci95": None, "median_s": 1.0, "partner_median_s": 2.2}
     assert paired_speedup([1.0], [3.0]) == {"speedup": 3.0, "speedup_q1": 3.0, "speedup_q3": 3.0,
-                                            "rounds": 1, "median_s": 1.0, "partner_median_s": 3.0}
+                                            "rounds": 1, "speedup_ci95": None, "median_s": 1.0,
+                                            "partner_median_s": 3.0}
+    # 9 pairs: the 2nd and 8th smallest ratios (coverage 1 - 2 * 10 / 512 = 96%)
+    ratios = [1.0, 1.9, 1.4, 1.5, 1.6, 0.5, 1.3, 1.2, 1.1]
+    assert paired_speedup([1.0] * 9, ratios)["speedup_ci95"] == [1.0, 1.6]
+
+
+def test_median_interval_matches_the_binomial_order_statistics():
+    spec = importlib.util.spec_from_file_location(
+        "benchmarks_conftest", os.path.join(REPO, "benchmarks", "conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # textbook ranks of the distribution-free 95% interval of the median
+    for n, (low, high) in {6: (1, 6), 9: (2, 8), 20: (6, 15), 100: (40, 61)}.items():
+        assert module.median_interval(list(range(1, n + 1))) == (low, high)
+    assert module.median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None
 
 
 def test_benchmark_table_quotes_the_paired_speedup():
@@ -73,6 +88,9 @@ def test_benchmark_table_quotes_the_paired_speedup():
     assert rows[2] == "| conv | naive | 80.00 | 4.00x |  |  |"
     paired.update(speedup_q1=1.45, speedup_q3=1.55)
     assert summarize.benchmark_table(report)[5].endswith("(30.00 / 20.00 ms) |  |  |")
+    paired.update(speedup_ci95=[1.42, 1.61])  # reports older than this field have none
+    assert summarize.benchmark_table(report)[5].endswith(
+        "(30.00 / 20.00 ms), median 1.42-1.61 (95%) |  |  |")
 
 
 
