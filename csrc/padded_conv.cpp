@@ -259,6 +259,12 @@ at::Tensor slab(const at::Tensor& t, int64_t sample, int64_t groups, int64_t gro
   return s.view({groups, s.size(0) / groups, -1}).select(0, group);
 }
 
+// Whether the forward takes the backend's direct kernel instead of im2col + GEMM.
+bool uses_direct_forward(const ConvBackend& backend, const ConvProblem& p, at::ScalarType dtype) {
+  return backend.direct_forward_applies != nullptr &&
+         backend.direct_forward_applies(dtype, p.geometry, p.groups, p.out_channels);
+}
+
 // ---- The batched path (CUDA; the CPU twin in tests) -------------------------
 // Per chunk of samples a fixed list of launches (plan_batched): im2col into the
 // group-major layout of conv_geometry.h, ONE batched GEMM over the groups whose
@@ -427,6 +433,11 @@ at::Tensor padded_conv2d_forward(const ConvBackend& backend, const at::Tensor& i
   const at::Tensor w = weight.contiguous().view({groups, p.out_channels / groups, -1});
   at::Tensor out = at::empty({p.batch, p.out_channels, g.h.out_size, g.w.out_size},
                              input.options());
+  if (uses_direct_forward(backend, p, x.scalar_type())) {
+    backend.direct_forward(x, weight.contiguous(), g, groups, out);
+    if (bias.has_value()) out.add_(bias->view({1, p.out_channels, 1, 1}));
+    return in_input_layout(out, input);
+  }
   if (!backend.gemm_per_thread) {
     batched_forward(backend, p, x, w, bias.has_value(), out);
     if (bias.has_value()) out.add_(bias->view({1, p.out_channels, 1, 1}));
@@ -558,10 +569,18 @@ LaunchPlan plan_batched(std::string_view which, const at::Tensor& input, const a
                         at::IntArrayRef dilation, int64_t groups, std::string_view padding_mode) {
   constexpr const char* op = "padded_conv2d_launch_plan";
   const ConvBackend any_dtype{"any device", [](at::ScalarType) { return true; }, nullptr, nullptr,
-                              nullptr, nullptr, nullptr, false};
+                              nullptr, nullptr, nullptr, nullptr, nullptr, false};
   const ConvProblem p = check_problem(op, any_dtype, input, weight, stride, padding, dilation,
                                       groups, padding_mode);
   return make_plan(which, p, input.scalar_type(), has_bias);
+}
+
+bool forward_is_direct(const ConvBackend& backend, const at::Tensor& input,
+                       const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups, std::string_view padding_mode) {
+  const ConvProblem p = check_problem("padded_conv2d", backend, input, weight, stride, padding,
+                                      dilation, groups, padding_mode);
+  return !is_empty_problem(p) && uses_direct_forward(backend, p, input.scalar_type());
 }
 
 // [chunk, chunks, launches, GEMM launches] of the batched path (what the CUDA

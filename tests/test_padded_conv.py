@@ -192,6 +192,70 @@ def test_several_samples_per_gemm(mode, stride, groups, size):
     _check(x, w, torch.randn(6), stride, 1, 1, groups, mode)
 
 
+def _forward_path(x, w, stride, padding, dilation, groups, mode):
+    pair = lambda v: list(v) if isinstance(v, tuple) else [v, v]
+    pads = list(padding) if isinstance(padding, tuple) else [padding] * 4
+    return torch.ops.pyattn.padded_conv2d_cpu_forward_path(
+        x, w, pair(stride), pads, pair(dilation), groups, mode)
+
+
+# The CPU forward's direct kernel (AVX-512): (batch, C_in, C_out, H, W, kernel,
+# stride, padding, dilation, groups). Output widths 1, 7 and 113 (113: tiles of
+# 15-16 pixels, uneven); 40 and 80 output channels end in part-filled vectors
+# (80: a second block of channel vectors); stride 3 along the height, dilation
+# 2, groups 2 and asymmetric padding; 40 x 113 x 64 channels packs several row
+# blocks per sample (about 256 KiB each); Net1's conv4 (6 x 6 outputs).
+DIRECT_SHAPES = [
+    (3, 16, 32, 5, 3, 3, 2, (2, 2, 0, 1), 1, 1),
+    (2, 8, 40, 9, 12, 3, (3, 1), (1, 0, 2, 1), (2, 1), 1),
+    (2, 32, 80, 6, 8, 3, 2, 2, 1, 2),
+    (1, 64, 32, 40, 113, 3, 1, 1, 1, 1),
+    (5, 64, 64, 10, 10, 3, 2, 2, 1, 1),
+    (2, 16, 16, 11, 9, 5, (1, 2), 2, (1, 2), 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", DIRECT_SHAPES, ids=lambda s: "x".join(map(str, s[:6])))
+def test_direct_forward(dtype, mode, shape):
+    batch, c_in, c_out, height, width, kernel, stride, padding, dilation, groups = shape
+    x = torch.randn(batch, c_in, height, width, dtype=dtype)
+    w = torch.randn(c_out, c_in // groups, kernel, kernel, dtype=dtype)
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        pytest.skip("the direct CPU forward needs AVX-512")
+    assert _forward_path(x, w, stride, padding, dilation, groups, mode) == "direct"
+    _check(x, w, torch.randn(c_out, dtype=dtype), stride, padding, dilation, groups, mode)
+
+
+@pytest.mark.parametrize("c_in, c_out, kernel, stride, why", [
+    (3, 32, 3, 1, "27 terms per output (Net1's first layer)"),
+    (32, 8, 3, 1, "8 output channels fill half a float vector"),
+    (32, 32, 3, 3, "width stride 3"),
+])
+def test_direct_forward_falls_back_to_gemm(c_in, c_out, kernel, stride, why):
+    x = torch.randn(2, c_in, 12, 12)
+    w = torch.randn(c_out, c_in, kernel, kernel)
+    assert _forward_path(x, w, stride, 1, 1, 1, "reflect") == "gemm", why
+    _check(x, w, None, stride, 1, 1, 1, "reflect")
+
+
+def test_direct_forward_packs_rows_not_a_padded_copy():
+    # Per thread one block of packed rows (~256 KiB) and its products: the
+    # padded copy of this input would be 21 MB, the output is 5 MB.
+    x = torch.randn(16, 32, 96, 96)
+    w = torch.randn(32, 32, 3, 3)
+    args = (None, 2, 3, 1, 1, "reflect")
+    if _forward_path(x, w, 2, 3, 1, 1, "reflect") != "direct":
+        pytest.skip("the direct CPU forward needs AVX-512")
+    torch.testing.assert_close(pyattn.padded_conv2d(x, w, *args),
+                               reference.padded_conv2d(x, w, *args), rtol=1e-4, atol=1e-4)
+    padded_bytes = 16 * 32 * 102 * 102 * 4
+    ours = peak_memory(lambda: pyattn.padded_conv2d(x, w, *args))
+    theirs = peak_memory(lambda: reference.padded_conv2d(x, w, *args))
+    assert ours < padded_bytes / 2 < theirs, (ours, padded_bytes, theirs)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_grad_weight_with_many_output_channels(dtype):
     # The CPU weight-gradient kernel holds up to 64 float (32 double) output
@@ -233,12 +297,14 @@ def _assert_bitwise_same_across_thread_counts(grad_input, grad_weight):
     # Batch 70: 32 grad-weight blocks of 2-3 samples; the forward and grad
     # input put 3 (stride 1) or 8 (stride 2) samples in one GEMM. Then Net1's
     # first layer (3 -> 32 channels, 32 x 32, padding 2, batch 200), whose
-    # weight gradient through MKL differed between 1 and 2 threads.
+    # weight gradient through MKL differed between 1 and 2 threads; last a
+    # layer whose forward takes the direct kernel (where AVX-512 is present).
     gen = torch.Generator().manual_seed(0)
     small = torch.randn(70, 8, 15, 15, generator=gen), torch.randn(8, 8, 3, 3, generator=gen)
     net1 = torch.randn(200, 3, 32, 32, generator=gen), torch.randn(32, 3, 3, 3, generator=gen)
+    direct = torch.randn(9, 32, 20, 20, generator=gen), torch.randn(32, 32, 3, 3, generator=gen)
     threads = torch.get_num_threads()
-    for (x, w), stride, pad in [(small, 1, 1), (small, 2, 1), (net1, 1, 2)]:
+    for (x, w), stride, pad in [(small, 1, 1), (small, 2, 1), (net1, 1, 2), (direct, 2, 2)]:
         args = ([stride, stride], [pad] * 4, [1, 1], 1, "circular")
         grad = torch.randn(torch.ops.pyattn.padded_conv2d(x, w, None, *args).shape, generator=gen)
         results = []

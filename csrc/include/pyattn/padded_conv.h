@@ -35,6 +35,12 @@ struct ConvBackend {
   // for the weight gradient, every sum in one fixed order (unit last strides).
   void (*accumulate_grad_weight)(const at::Tensor& rows, const at::Tensor& cols,
                                  const at::Tensor& dst_t);
+  // CPU path only (else nullptr): the direct forward (padded_conv_direct.h),
+  // taken where direct_forward_applies; input, weight and out contiguous.
+  bool (*direct_forward_applies)(at::ScalarType dtype, const ConvGeometry& g, int64_t groups,
+                                 int64_t out_channels);
+  void (*direct_forward)(const at::Tensor& input, const at::Tensor& weight, const ConvGeometry& g,
+                         int64_t groups, const at::Tensor& out);
   // CPU: run the GEMMs of blocks of samples in parallel, each single-threaded.
   // Otherwise (CUDA; the CPU twin in tests): a fixed number of launches per chunk
   // of samples, one batched GEMM over the groups (plan_batched).
@@ -54,6 +60,12 @@ struct LaunchPlan {
 LaunchPlan plan_batched(std::string_view which, const at::Tensor& input, const at::Tensor& weight,
                         bool has_bias, at::IntArrayRef stride, at::IntArrayRef padding,
                         at::IntArrayRef dilation, int64_t groups, std::string_view padding_mode);
+
+// Whether padded_conv2d_forward on `backend` takes its direct kernel (tests
+// use it to know which path their shapes exercise).
+bool forward_is_direct(const ConvBackend& backend, const at::Tensor& input,
+                       const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups, std::string_view padding_mode);
 
 at::Tensor padded_conv2d_forward(const ConvBackend& backend, const at::Tensor& input,
                                  const at::Tensor& weight, const c10::optional<at::Tensor>& bias,

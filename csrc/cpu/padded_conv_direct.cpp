@@ -1,0 +1,327 @@
+// Direct forward of pyattn::padded_conv2d on AVX-512 CPUs (float32, float64):
+// no column matrix and no GEMM call. Each work item (a sample's block of
+// output rows) packs the input rows that block reads, padding resolved through
+// padding.h's source_index as im2col resolves it, then register-tiled
+// micro-kernels sweep the block: a tile of P output pixels of one row times NB
+// vectors of output channels, summed over (input channel, tap) against the
+// weight laid out as (C_in, KH*KW, C_out) rows.
+//
+// Why: Net1's strided layers have small planes (18x18 down to 6x6) and 32-64
+// channels. The column matrix of such a layer is 2-3x its input, written in
+// fragments of 6-18 values; im2col took as long as the GEMM itself (perf, Net1
+// conv4). Here the packed block is about the input's size, written in whole
+// rows, and the micro-kernel reads it by broadcasts.
+#include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "pyattn/padded_conv_direct.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define PYATTN_DIRECT_CONV 1
+#else
+#define PYATTN_DIRECT_CONV 0
+#endif
+
+namespace pyattn {
+
+#if PYATTN_DIRECT_CONV
+namespace {
+
+// Packed input rows of one work item stay within this (L2 holds them while
+// every tile of the block reads them).
+constexpr int64_t kPackBytes = 256 * 1024;
+
+template <typename T>
+struct Zmm;
+
+template <>
+struct Zmm<float> {
+  using V = __m512;
+  static constexpr int kLanes = 16;
+  __attribute__((target("avx512f"), always_inline)) static V zero() { return _mm512_setzero_ps(); }
+  __attribute__((target("avx512f"), always_inline)) static V load(const float* p) {
+    return _mm512_loadu_ps(p);
+  }
+  __attribute__((target("avx512f"), always_inline)) static V broadcast(const float* p) {
+    return _mm512_set1_ps(*p);
+  }
+  __attribute__((target("avx512f"), always_inline)) static V fma(V a, V b, V c) {
+    return _mm512_fmadd_ps(a, b, c);
+  }
+  __attribute__((target("avx512f"), always_inline)) static void store(float* p, V v) {
+    _mm512_storeu_ps(p, v);
+  }
+};
+
+template <>
+struct Zmm<double> {
+  using V = __m512d;
+  static constexpr int kLanes = 8;
+  __attribute__((target("avx512f"), always_inline)) static V zero() { return _mm512_setzero_pd(); }
+  __attribute__((target("avx512f"), always_inline)) static V load(const double* p) {
+    return _mm512_loadu_pd(p);
+  }
+  __attribute__((target("avx512f"), always_inline)) static V broadcast(const double* p) {
+    return _mm512_set1_pd(*p);
+  }
+  __attribute__((target("avx512f"), always_inline)) static V fma(V a, V b, V c) {
+    return _mm512_fmadd_pd(a, b, c);
+  }
+  __attribute__((target("avx512f"), always_inline)) static void store(double* p, V v) {
+    _mm512_storeu_pd(p, v);
+  }
+};
+
+// dst[p * dst_row + j * lanes + l] = sum over (c, t) of
+//   x[c * channel_stride + tap_offsets[t] + S * p] * w[(c * taps + t) * w_row + j * lanes + l]
+// for P pixels (stride S apart in the packed rows) and NB channel vectors:
+// P * NB accumulators in registers, one weight row and P broadcasts per step.
+template <typename T, int P, int NB, int S>
+__attribute__((target("avx512f"))) void conv_tile(const T* x, int64_t channels,
+                                                  int64_t channel_stride,
+                                                  const int32_t* tap_offsets, int64_t taps,
+                                                  const T* w, int64_t w_row, T* dst,
+                                                  int64_t dst_row) {
+  using Z = Zmm<T>;
+  typename Z::V acc[P][NB];
+  for (int p = 0; p < P; ++p) {
+    for (int j = 0; j < NB; ++j) acc[p][j] = Z::zero();
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    const T* channel = x + c * channel_stride;
+    for (int64_t t = 0; t < taps; ++t, w += w_row) {
+      const T* tap = channel + tap_offsets[t];
+      typename Z::V weights[NB];
+      for (int j = 0; j < NB; ++j) weights[j] = Z::load(w + j * Z::kLanes);
+      for (int p = 0; p < P; ++p) {
+        const typename Z::V value = Z::broadcast(tap + S * p);
+        for (int j = 0; j < NB; ++j) acc[p][j] = Z::fma(value, weights[j], acc[p][j]);
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    for (int j = 0; j < NB; ++j) Z::store(dst + p * dst_row + j * Z::kLanes, acc[p][j]);
+  }
+}
+
+using TileKernel = void (*)(const void*, int64_t, int64_t, const int32_t*, int64_t, const void*,
+                            int64_t, void*, int64_t);
+
+// Most pixels per tile for NB channel vectors: P * NB <= 24 accumulators (of
+// 32 registers), P <= 16 for NB = 1 (there one broadcast feeds one FMA).
+constexpr int kMaxVectors = 4;
+constexpr std::array<int, kMaxVectors + 1> kMaxPixels{0, 16, 12, 8, 6};
+
+template <typename T, int P, int NB, int S>
+void conv_tile_erased(const void* x, int64_t channels, int64_t channel_stride,
+                      const int32_t* tap_offsets, int64_t taps, const void* w, int64_t w_row,
+                      void* dst, int64_t dst_row) {
+  conv_tile<T, P, NB, S>(static_cast<const T*>(x), channels, channel_stride, tap_offsets, taps,
+                         static_cast<const T*>(w), w_row, static_cast<T*>(dst), dst_row);
+}
+
+template <typename T, int NB, int S, int P = kMaxPixels[NB]>
+TileKernel tile_kernel_for_pixels(int pixels) {
+  if constexpr (P == 0) {
+    return nullptr;
+  } else {
+    return pixels == P ? &conv_tile_erased<T, P, NB, S> : tile_kernel_for_pixels<T, NB, S, P - 1>(pixels);
+  }
+}
+
+template <typename T, int S>
+TileKernel tile_kernel(int vectors, int pixels) {
+  switch (vectors) {
+    case 1: return tile_kernel_for_pixels<T, 1, S>(pixels);
+    case 2: return tile_kernel_for_pixels<T, 2, S>(pixels);
+    case 3: return tile_kernel_for_pixels<T, 3, S>(pixels);
+    default: return tile_kernel_for_pixels<T, 4, S>(pixels);
+  }
+}
+
+bool cpu_has_avx512f() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+
+// Everything a work item needs, fixed per call (shapes only).
+struct DirectPlan {
+  const ConvGeometry& g;
+  int64_t groups, in_per_group, out_per_group, out_padded;  // out_padded: per group, whole vectors
+  int64_t taps, packed_width, block_rows, packed_rows, blocks_per_sample;
+  std::vector<int32_t> tap_offsets;   // within one packed channel
+  std::vector<int64_t> column_source; // source_index per packed column, -1: zero
+  int64_t interior_begin, interior_end;  // packed columns [begin, end) read column q - pad
+};
+
+// Rows of a packed block (output rows [oh0, oh0 + rows)) read by its taps.
+int64_t packed_rows_for(const Axis& a, int64_t rows) {
+  return a.stride * (rows - 1) + a.dilation * (a.kernel - 1) + 1;
+}
+
+template <typename T>
+DirectPlan make_plan(const ConvGeometry& g, int64_t groups, int64_t out_channels) {
+  DirectPlan plan{g, groups, g.channels / groups, out_channels / groups, 0, g.h.kernel * g.w.kernel,
+                  packed_rows_for(g.w, g.w.out_size), 1, 0, 0, {}, {}, 0, 0};
+  constexpr int64_t lanes = Zmm<T>::kLanes;
+  plan.out_padded = (plan.out_per_group + lanes - 1) / lanes * lanes;
+  const int64_t row_bytes = g.channels * plan.packed_width * int64_t(sizeof(T));
+  while (plan.block_rows < g.h.out_size &&
+         packed_rows_for(g.h, plan.block_rows + 1) * row_bytes <= kPackBytes) {
+    ++plan.block_rows;
+  }
+  plan.packed_rows = packed_rows_for(g.h, plan.block_rows);
+  plan.blocks_per_sample = (g.h.out_size + plan.block_rows - 1) / plan.block_rows;
+  for (int64_t kh = 0; kh < g.h.kernel; ++kh) {
+    for (int64_t kw = 0; kw < g.w.kernel; ++kw) {
+      plan.tap_offsets.push_back(
+          static_cast<int32_t>(kh * g.h.dilation * plan.packed_width + kw * g.w.dilation));
+    }
+  }
+  for (int64_t q = 0; q < plan.packed_width; ++q) {
+    plan.column_source.push_back(source_index(q - g.w.pad_before, g.w.size, g.mode));
+  }
+  plan.interior_begin = std::clamp<int64_t>(g.w.pad_before, 0, plan.packed_width);
+  plan.interior_end = std::clamp<int64_t>(g.w.pad_before + g.w.size, plan.interior_begin,
+                                          plan.packed_width);
+  return plan;
+}
+
+// Packed rows [0, rows) of every input channel of one sample, starting at
+// virtual row `first_row`: dst[(c * packed_rows + r) * packed_width + q].
+template <typename T>
+void pack_block(const DirectPlan& plan, const T* __restrict sample, int64_t first_row,
+                int64_t rows, T* __restrict dst) {
+  const ConvGeometry& g = plan.g;
+  const int64_t width = plan.packed_width, begin = plan.interior_begin, end = plan.interior_end;
+  const int64_t* column_source = plan.column_source.data();
+  for (int64_t c = 0; c < g.channels; ++c) {
+    const T* channel = sample + c * g.h.size * g.w.size;
+    T* packed = dst + c * plan.packed_rows * width;
+    for (int64_t r = 0; r < rows; ++r, packed += width) {
+      const int64_t source_row = source_index(first_row + r, g.h.size, g.mode);
+      if (source_row < 0) {
+        std::fill(packed, packed + width, T(0));
+        continue;
+      }
+      const T* row = channel + source_row * g.w.size;
+      for (int64_t q = 0; q < begin; ++q) packed[q] = column_source[q] < 0 ? T(0) : row[column_source[q]];
+      const T* shifted = row - g.w.pad_before;  // interior: packed column q reads q - pad
+      for (int64_t q = begin; q < end; ++q) packed[q] = shifted[q];
+      for (int64_t q = end; q < width; ++q) packed[q] = column_source[q] < 0 ? T(0) : row[column_source[q]];
+    }
+  }
+}
+
+template <typename T>
+void direct_forward(const at::Tensor& input, const at::Tensor& weight, const ConvGeometry& g,
+                    int64_t groups, const at::Tensor& out) {
+  const int64_t batch = input.size(0), out_channels = out.size(1);
+  const DirectPlan plan = make_plan<T>(g, groups, out_channels);
+  constexpr int64_t lanes = Zmm<T>::kLanes;
+  // (G, C_in/G, KH*KW, out_padded): each (c, tap) one row of output-channel
+  // weights, zero past the group's channels.
+  const at::Tensor packed_weight =
+      at::zeros({groups, plan.in_per_group, plan.taps, plan.out_padded}, weight.options());
+  packed_weight.narrow(3, 0, plan.out_per_group)
+      .copy_(weight.reshape({groups, plan.out_per_group, plan.in_per_group, plan.taps})
+                 .permute({0, 2, 3, 1}));
+  const T* x = input.const_data_ptr<T>();
+  const T* w = packed_weight.const_data_ptr<T>();
+  T* y = out.mutable_data_ptr<T>();
+  const int64_t plane = g.out_plane(), out_width = g.w.out_size;
+  const int64_t product_row = groups * plan.out_padded;  // one pixel's outputs, all groups
+  const int64_t packed_channel = plan.packed_rows * plan.packed_width;
+  at::parallel_for(0, batch * plan.blocks_per_sample, 1, [&](int64_t begin, int64_t end) {
+    // Uninitialised: every element is written before it is read.
+    const std::unique_ptr<T[]> packed(new T[g.channels * packed_channel]);
+    const std::unique_ptr<T[]> products(new T[plan.block_rows * out_width * product_row]);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / plan.blocks_per_sample;
+      const int64_t oh0 = item % plan.blocks_per_sample * plan.block_rows;
+      const int64_t rows = std::min(plan.block_rows, g.h.out_size - oh0);
+      pack_block(plan, x + n * g.channels * g.h.size * g.w.size,
+                 oh0 * g.h.stride - g.h.pad_before, packed_rows_for(g.h, rows), packed.get());
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        const T* group_input = packed.get() + grp * plan.in_per_group * packed_channel;
+        const T* group_weight = w + grp * plan.in_per_group * plan.taps * plan.out_padded;
+        for (int64_t o0 = 0; o0 < plan.out_padded; o0 += kMaxVectors * lanes) {
+          const int vectors = int(std::min<int64_t>(kMaxVectors, (plan.out_padded - o0) / lanes));
+          // Each row in near-equal tiles of at most kMaxPixels[vectors] pixels.
+          const int64_t tiles = (out_width + kMaxPixels[vectors] - 1) / kMaxPixels[vectors];
+          for (int64_t oh = 0; oh < rows; ++oh) {
+            const T* input_row = group_input + oh * g.h.stride * plan.packed_width;
+            T* product = products.get() + oh * out_width * product_row + grp * plan.out_padded + o0;
+            for (int64_t tile = 0, ow = 0; tile < tiles; ++tile) {
+              const int pixels = int((out_width * (tile + 1)) / tiles - ow);
+              const TileKernel kernel = g.w.stride == 1 ? tile_kernel<T, 1>(vectors, pixels)
+                                                         : tile_kernel<T, 2>(vectors, pixels);
+              kernel(input_row + ow * g.w.stride, plan.in_per_group, packed_channel,
+                     plan.tap_offsets.data(), plan.taps, group_weight + o0, plan.out_padded,
+                     product + ow * product_row, product_row);
+              ow += pixels;
+            }
+          }
+        }
+      }
+      // (pixel, channel) products -> the (channel, pixel) output rows.
+      const int64_t pixels = rows * out_width;
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        for (int64_t o = 0; o < plan.out_per_group; ++o) {
+          const int64_t channel = grp * plan.out_per_group + o;
+          T* dst = y + (n * out_channels + channel) * plane + oh0 * out_width;
+          const T* src = products.get() + grp * plan.out_padded + o;
+          for (int64_t p = 0; p < pixels; ++p) dst[p] = src[p * product_row];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+bool direct_forward_applies(at::ScalarType dtype, const ConvGeometry& g, int64_t groups,
+                            int64_t out_channels) {
+  if (!cpu_has_avx512f() || (dtype != at::kFloat && dtype != at::kDouble)) return false;
+  if (g.w.stride > 2 || g.out_plane() == 0) return false;
+  // Enough terms per output to amortise a tile's set-up and store (Net1's
+  // first layer, 3 channels x 9 taps, runs faster as one GEMM).
+  if ((g.channels / groups) * g.h.kernel * g.w.kernel < kMinDirectTerms) return false;
+  // Enough output channels per group to fill most lanes of a vector.
+  if (out_channels / groups < (dtype == at::kFloat ? 16 : 8)) return false;
+  // Tap offsets within a packed channel are 32-bit.
+  const int64_t width = packed_rows_for(g.w, g.w.out_size);
+  return packed_rows_for(g.h, 1) * width < std::numeric_limits<int32_t>::max();
+}
+
+void direct_forward_cpu(const at::Tensor& input, const at::Tensor& weight, const ConvGeometry& g,
+                        int64_t groups, const at::Tensor& out) {
+  if (input.scalar_type() == at::kFloat) {
+    direct_forward<float>(input, weight, g, groups, out);
+  } else {
+    direct_forward<double>(input, weight, g, groups, out);
+  }
+}
+
+#else  // no AVX-512 kernels on this compiler / architecture
+
+bool direct_forward_applies(at::ScalarType, const ConvGeometry&, int64_t, int64_t) {
+  return false;
+}
+
+void direct_forward_cpu(const at::Tensor&, const at::Tensor&, const ConvGeometry&, int64_t,
+                        const at::Tensor&) {
+  TORCH_CHECK(false, "padded_conv2d: the direct CPU forward needs AVX-512");
+}
+
+#endif
+
+}  // namespace pyattn

@@ -1,0 +1,27 @@
+#pragma once
+// The CPU backend's direct forward (cpu/padded_conv_direct.cpp): register-tiled
+// AVX-512 micro-kernels over packed input rows, no column matrix. The driver
+// (padded_conv.cpp) takes it where direct_forward_applies, else im2col + GEMM.
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "pyattn/conv_geometry.h"
+
+namespace pyattn {
+
+// Fewest terms per output (C_in/groups * KH * KW) for the direct path.
+constexpr int64_t kMinDirectTerms = 64;
+
+// Whether the direct forward runs this problem: an AVX-512 CPU, float32 or
+// float64, width stride 1 or 2, at least kMinDirectTerms terms per output and
+// a vector's worth of output channels per group. Shapes and dtype only.
+bool direct_forward_applies(at::ScalarType dtype, const ConvGeometry& g, int64_t groups,
+                            int64_t out_channels);
+
+// out (N, C_out, Ho, Wo) contiguous = the convolution of input (N, C, H, W)
+// contiguous with weight (C_out, C/groups, KH, KW) contiguous, without bias.
+void direct_forward_cpu(const at::Tensor& input, const at::Tensor& weight, const ConvGeometry& g,
+                        int64_t groups, const at::Tensor& out);
+
+}  // namespace pyattn
