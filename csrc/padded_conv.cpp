@@ -265,6 +265,13 @@ bool uses_direct_forward(const ConvBackend& backend, const ConvProblem& p, at::S
          backend.direct_forward_applies(dtype, p.geometry, p.groups, p.out_channels);
 }
 
+// Whether the weight gradient takes the backend's direct kernel.
+bool uses_direct_grad_weight(const ConvBackend& backend, const ConvProblem& p,
+                             at::ScalarType dtype) {
+  return backend.direct_grad_weight_applies != nullptr &&
+         backend.direct_grad_weight_applies(dtype, p.geometry, p.groups, p.out_channels);
+}
+
 // ---- The batched path (CUDA; the CPU twin in tests) -------------------------
 // Per chunk of samples a fixed list of launches (plan_batched): im2col into the
 // group-major layout of conv_geometry.h, ONE batched GEMM over the groups whose
@@ -534,6 +541,11 @@ at::Tensor padded_conv2d_grad_weight(const ConvBackend& backend, const at::Tenso
   const at::Tensor x = input.contiguous();
   const at::Tensor go =
       grad_output.contiguous().view({p.batch, p.out_channels, g.out_plane()});
+  if (uses_direct_grad_weight(backend, p, x.scalar_type())) {
+    return backend.direct_grad_weight(go.view({p.batch, p.out_channels, g.h.out_size,
+                                               g.w.out_size}),
+                                      x, g, groups, block_count(backend, p));
+  }
   if (!backend.gemm_per_thread) return batched_grad_weight(backend, p, go, x, weight);
   // Each block of samples (blocks set by the batch size alone) sums its
   // products into its own partial with the backend's fixed-order product; the
@@ -569,18 +581,23 @@ LaunchPlan plan_batched(std::string_view which, const at::Tensor& input, const a
                         at::IntArrayRef dilation, int64_t groups, std::string_view padding_mode) {
   constexpr const char* op = "padded_conv2d_launch_plan";
   const ConvBackend any_dtype{"any device", [](at::ScalarType) { return true; }, nullptr, nullptr,
-                              nullptr, nullptr, nullptr, nullptr, nullptr, false};
+                              nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                              false};
   const ConvProblem p = check_problem(op, any_dtype, input, weight, stride, padding, dilation,
                                       groups, padding_mode);
   return make_plan(which, p, input.scalar_type(), has_bias);
 }
 
-bool forward_is_direct(const ConvBackend& backend, const at::Tensor& input,
-                       const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-                       at::IntArrayRef dilation, int64_t groups, std::string_view padding_mode) {
+bool kernel_is_direct(const ConvBackend& backend, std::string_view which, const at::Tensor& input,
+                      const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                      at::IntArrayRef dilation, int64_t groups, std::string_view padding_mode) {
   const ConvProblem p = check_problem("padded_conv2d", backend, input, weight, stride, padding,
                                       dilation, groups, padding_mode);
-  return !is_empty_problem(p) && uses_direct_forward(backend, p, input.scalar_type());
+  if (is_empty_problem(p)) return false;
+  if (which == "forward") return uses_direct_forward(backend, p, input.scalar_type());
+  TORCH_CHECK_VALUE(which == "grad_weight", "padded_conv2d_cpu_path: `which` must be 'forward' "
+                    "or 'grad_weight', got '", which, "'");
+  return uses_direct_grad_weight(backend, p, input.scalar_type());
 }
 
 // [chunk, chunks, launches, GEMM launches] of the batched path (what the CUDA

@@ -192,14 +192,16 @@ def test_several_samples_per_gemm(mode, stride, groups, size):
     _check(x, w, torch.randn(6), stride, 1, 1, groups, mode)
 
 
-def _forward_path(x, w, stride, padding, dilation, groups, mode):
+def _cpu_path(which, x, w, stride, padding, dilation, groups, mode):
+    """'direct' or 'gemm': the kernel the CPU forward / weight gradient takes."""
     pair = lambda v: list(v) if isinstance(v, tuple) else [v, v]
     pads = list(padding) if isinstance(padding, tuple) else [padding] * 4
-    return torch.ops.pyattn.padded_conv2d_cpu_forward_path(
-        x, w, pair(stride), pads, pair(dilation), groups, mode)
+    return torch.ops.pyattn.padded_conv2d_cpu_path(
+        which, x, w, pair(stride), pads, pair(dilation), groups, mode)
 
 
-# The CPU forward's direct kernel (AVX-512): (batch, C_in, C_out, H, W, kernel,
+# The CPU's direct kernels (AVX-512; forward and weight gradient, which _check
+# both compares): (batch, C_in, C_out, H, W, kernel,
 # stride, padding, dilation, groups). Output widths 1, 7 and 113 (113: tiles of
 # 15-16 pixels, uneven); 40 and 80 output channels end in part-filled vectors
 # (80: a second block of channel vectors); stride 3 along the height, dilation
@@ -218,25 +220,29 @@ DIRECT_SHAPES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", DIRECT_SHAPES, ids=lambda s: "x".join(map(str, s[:6])))
-def test_direct_forward(dtype, mode, shape):
+def test_direct_kernels(dtype, mode, shape):
     batch, c_in, c_out, height, width, kernel, stride, padding, dilation, groups = shape
     x = torch.randn(batch, c_in, height, width, dtype=dtype)
     w = torch.randn(c_out, c_in // groups, kernel, kernel, dtype=dtype)
     if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         pytest.skip("the direct CPU forward needs AVX-512")
-    assert _forward_path(x, w, stride, padding, dilation, groups, mode) == "direct"
+    for which in ("forward", "grad_weight"):
+        assert _cpu_path(which, x, w, stride, padding, dilation, groups, mode) == "direct", which
     _check(x, w, torch.randn(c_out, dtype=dtype), stride, padding, dilation, groups, mode)
 
 
-@pytest.mark.parametrize("c_in, c_out, kernel, stride, why", [
-    (3, 32, 3, 1, "27 terms per output (Net1's first layer)"),
-    (32, 8, 3, 1, "8 output channels fill half a float vector"),
-    (32, 32, 3, 3, "width stride 3"),
+@pytest.mark.parametrize("c_in, c_out, kernel, stride, paths", [
+    (3, 32, 3, 1, ("gemm", "direct")),  # forward: 27 terms per output (Net1's first layer)
+    (32, 8, 3, 1, ("gemm", "gemm")),    # 8 output channels fill half a float vector
+    (32, 32, 3, 3, ("gemm", "gemm")),   # width stride 3
 ])
-def test_direct_forward_falls_back_to_gemm(c_in, c_out, kernel, stride, why):
+def test_direct_kernels_where_they_apply(c_in, c_out, kernel, stride, paths):
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        paths = ("gemm", "gemm")  # the direct kernels need AVX-512
     x = torch.randn(2, c_in, 12, 12)
     w = torch.randn(c_out, c_in, kernel, kernel)
-    assert _forward_path(x, w, stride, 1, 1, 1, "reflect") == "gemm", why
+    for which, path in zip(("forward", "grad_weight"), paths):
+        assert _cpu_path(which, x, w, stride, 1, 1, 1, "reflect") == path, which
     _check(x, w, None, stride, 1, 1, 1, "reflect")
 
 
@@ -246,7 +252,7 @@ def test_direct_forward_packs_rows_not_a_padded_copy():
     x = torch.randn(16, 32, 96, 96)
     w = torch.randn(32, 32, 3, 3)
     args = (None, 2, 3, 1, 1, "reflect")
-    if _forward_path(x, w, 2, 3, 1, 1, "reflect") != "direct":
+    if _cpu_path("forward", x, w, 2, 3, 1, 1, "reflect") != "direct":
         pytest.skip("the direct CPU forward needs AVX-512")
     torch.testing.assert_close(pyattn.padded_conv2d(x, w, *args),
                                reference.padded_conv2d(x, w, *args), rtol=1e-4, atol=1e-4)
@@ -276,10 +282,13 @@ def test_gradcheck(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_opcheck(mode):
-    x = torch.randn(2, 4, 7, 8, requires_grad=True)
-    w = torch.randn(6, 2, 3, 3, requires_grad=True)
-    b = torch.randn(6, requires_grad=True)
+@pytest.mark.parametrize("channels", [(4, 6), (32, 32)], ids=["gemm", "direct"])
+def test_opcheck(mode, channels):
+    # 4 -> 6 channels take im2col + GEMM, 32 -> 32 the direct kernels (on AVX-512).
+    c_in, c_out = channels
+    x = torch.randn(2, c_in, 7, 8, requires_grad=True)
+    w = torch.randn(c_out, c_in // 2, 3, 3, requires_grad=True)
+    b = torch.randn(c_out, requires_grad=True)
     conv_args = ([2, 1], [2, 1, 0, 2], [1, 2], 2, mode)
     torch.library.opcheck(torch.ops.pyattn.padded_conv2d, (x, w, b, *conv_args))
     torch.library.opcheck(torch.ops.pyattn.padded_conv2d, (x, w, None, *conv_args))

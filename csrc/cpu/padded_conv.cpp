@@ -628,10 +628,12 @@ void col2im_batched_cpu(const at::Tensor& cols, const at::Tensor& grad_input,
 
 constexpr ConvBackend kCpu{"CPU (float32, float64)", cpu_supports, im2col_cpu, col2im_cpu,
                            im2col_batched_cpu, col2im_batched_cpu, accumulate_grad_weight_cpu,
-                           direct_forward_applies, direct_forward_cpu, /*gemm_per_thread=*/true};
+                           direct_forward_applies, direct_forward_cpu, direct_grad_weight_applies,
+                           direct_grad_weight_cpu, /*gemm_per_thread=*/true};
 constexpr ConvBackend kCpuTwin{"CPU twin of the CUDA path (float32, float64)", cpu_supports,
                                nullptr, nullptr, im2col_batched_cpu, col2im_batched_cpu,
-                               nullptr, nullptr, nullptr, /*gemm_per_thread=*/false};
+                               nullptr, nullptr, nullptr, nullptr, nullptr,
+                               /*gemm_per_thread=*/false};
 
 // One entry point for the tests: which = forward | grad_input | grad_weight.
 at::Tensor batched_cpu_twin(c10::string_view which, const c10::optional<at::Tensor>& grad_output,
@@ -660,15 +662,15 @@ at::Tensor batched_cpu_twin(c10::string_view which, const c10::optional<at::Tens
 TORCH_LIBRARY_IMPL(pyattn, CPU, m) { register_padded_conv2d<kCpu>(m); }
 
 // Test-only: the batched (CUDA) driver and kernels' per-element code on CPU,
-// and which kernel the CPU forward takes for given shapes.
+// and which kernel the CPU forward / weight gradient takes for given shapes.
 TORCH_LIBRARY_FRAGMENT(pyattn, m) {
-  m.def("padded_conv2d_cpu_forward_path(Tensor input, Tensor weight, int[2] stride, "
+  m.def("padded_conv2d_cpu_path(str which, Tensor input, Tensor weight, int[2] stride, "
         "int[4] padding, int[2] dilation, int groups, str padding_mode) -> str",
-        [](const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
-           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-           c10::string_view padding_mode) -> std::string {
-          return forward_is_direct(kCpu, input, weight, stride, padding, dilation, groups,
-                                   padding_mode) ? "direct" : "gemm";
+        [](c10::string_view which, const at::Tensor& input, const at::Tensor& weight,
+           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+           int64_t groups, c10::string_view padding_mode) -> std::string {
+          return kernel_is_direct(kCpu, which, input, weight, stride, padding, dilation, groups,
+                                  padding_mode) ? "direct" : "gemm";
         });
   m.def("padded_conv2d_batched_cpu_twin(str which, Tensor? grad_output, Tensor input, "
         "Tensor weight, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, "

@@ -56,6 +56,9 @@ struct Zmm<float> {
   __attribute__((target("avx512f"), always_inline)) static V fma(V a, V b, V c) {
     return _mm512_fmadd_ps(a, b, c);
   }
+  __attribute__((target("avx512f"), always_inline)) static V add(V a, V b) {
+    return _mm512_add_ps(a, b);
+  }
   __attribute__((target("avx512f"), always_inline)) static void store(float* p, V v) {
     _mm512_storeu_ps(p, v);
   }
@@ -74,6 +77,9 @@ struct Zmm<double> {
   }
   __attribute__((target("avx512f"), always_inline)) static V fma(V a, V b, V c) {
     return _mm512_fmadd_pd(a, b, c);
+  }
+  __attribute__((target("avx512f"), always_inline)) static V add(V a, V b) {
+    return _mm512_add_pd(a, b);
   }
   __attribute__((target("avx512f"), always_inline)) static void store(double* p, V v) {
     _mm512_storeu_pd(p, v);
@@ -147,6 +153,78 @@ TileKernel tile_kernel(int vectors, int pixels) {
   }
 }
 
+// acc[t][j * lanes + l] += sum over pixels (oh, ow) of `rows` x `width` of
+//   x[oh * row_stride + S * ow + tap_offsets[t]] * grad[(oh * width + ow) * grad_row + j * lanes + l]
+// for TT taps of one input channel and NB vectors of output channels: the
+// weight gradient's products, summed in pixel order, then added to `acc`.
+template <typename T, int TT, int NB, int S>
+__attribute__((target("avx512f"))) void grad_weight_tile(const T* x, int64_t rows, int64_t width,
+                                                         int64_t row_stride,
+                                                         const int32_t* tap_offsets,
+                                                         const T* grad, int64_t grad_row, T* acc,
+                                                         int64_t acc_row) {
+  using Z = Zmm<T>;
+  typename Z::V sums[TT][NB];
+  for (int t = 0; t < TT; ++t) {
+    for (int j = 0; j < NB; ++j) sums[t][j] = Z::zero();
+  }
+  int32_t offsets[TT];
+  for (int t = 0; t < TT; ++t) offsets[t] = tap_offsets[t];
+  for (int64_t oh = 0; oh < rows; ++oh) {
+    const T* pixel = x + oh * row_stride;
+    const T* g = grad + oh * width * grad_row;
+    for (int64_t ow = 0; ow < width; ++ow, pixel += S, g += grad_row) {
+      typename Z::V grads[NB];
+      for (int j = 0; j < NB; ++j) grads[j] = Z::load(g + j * Z::kLanes);
+      for (int t = 0; t < TT; ++t) {
+        const typename Z::V value = Z::broadcast(pixel + offsets[t]);
+        for (int j = 0; j < NB; ++j) sums[t][j] = Z::fma(value, grads[j], sums[t][j]);
+      }
+    }
+  }
+  for (int t = 0; t < TT; ++t) {
+    for (int j = 0; j < NB; ++j) {
+      T* dst = acc + t * acc_row + j * Z::kLanes;
+      Z::store(dst, Z::add(Z::load(dst), sums[t][j]));
+    }
+  }
+}
+
+using GradTileKernel = void (*)(const void*, int64_t, int64_t, int64_t, const int32_t*,
+                                const void*, int64_t, void*, int64_t);
+
+// Most taps per weight-gradient tile for NB channel vectors (TT * NB <= 24).
+constexpr std::array<int, kMaxVectors + 1> kMaxTaps{0, 16, 12, 8, 6};
+
+template <typename T, int TT, int NB, int S>
+void grad_weight_tile_erased(const void* x, int64_t rows, int64_t width, int64_t row_stride,
+                             const int32_t* tap_offsets, const void* grad, int64_t grad_row,
+                             void* acc, int64_t acc_row) {
+  grad_weight_tile<T, TT, NB, S>(static_cast<const T*>(x), rows, width, row_stride, tap_offsets,
+                                 static_cast<const T*>(grad), grad_row, static_cast<T*>(acc),
+                                 acc_row);
+}
+
+template <typename T, int NB, int S, int TT = kMaxTaps[NB]>
+GradTileKernel grad_kernel_for_taps(int taps) {
+  if constexpr (TT == 0) {
+    return nullptr;
+  } else {
+    return taps == TT ? &grad_weight_tile_erased<T, TT, NB, S>
+                      : grad_kernel_for_taps<T, NB, S, TT - 1>(taps);
+  }
+}
+
+template <typename T, int S>
+GradTileKernel grad_kernel(int vectors, int taps) {
+  switch (vectors) {
+    case 1: return grad_kernel_for_taps<T, 1, S>(taps);
+    case 2: return grad_kernel_for_taps<T, 2, S>(taps);
+    case 3: return grad_kernel_for_taps<T, 3, S>(taps);
+    default: return grad_kernel_for_taps<T, 4, S>(taps);
+  }
+}
+
 bool cpu_has_avx512f() {
   static const bool has = __builtin_cpu_supports("avx512f");
   return has;
@@ -193,6 +271,25 @@ DirectPlan make_plan(const ConvGeometry& g, int64_t groups, int64_t out_channels
   plan.interior_end = std::clamp<int64_t>(g.w.pad_before + g.w.size, plan.interior_begin,
                                           plan.packed_width);
   return plan;
+}
+
+// b[j * b_row + i] = a[i * a_row + j] for i < rows, j < cols, in 16 x 16
+// tiles: both sides' cache lines of a tile stay in L1 while it is copied (a
+// whole-row pass with a strided side missed L1 on every element: 70% of Net1
+// conv1's weight gradient).
+template <typename T>
+void transpose(const T* __restrict a, int64_t a_row, int64_t rows, int64_t cols, T* __restrict b,
+               int64_t b_row) {
+  constexpr int64_t kTile = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
+    const int64_t i1 = std::min(rows, i0 + kTile);
+    for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
+      const int64_t j1 = std::min(cols, j0 + kTile);
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t j = j0; j < j1; ++j) b[j * b_row + i] = a[i * a_row + j];
+      }
+    }
+  }
 }
 
 // Packed rows [0, rows) of every input channel of one sample, starting at
@@ -273,17 +370,94 @@ void direct_forward(const at::Tensor& input, const at::Tensor& weight, const Con
         }
       }
       // (pixel, channel) products -> the (channel, pixel) output rows.
-      const int64_t pixels = rows * out_width;
       for (int64_t grp = 0; grp < groups; ++grp) {
-        for (int64_t o = 0; o < plan.out_per_group; ++o) {
-          const int64_t channel = grp * plan.out_per_group + o;
-          T* dst = y + (n * out_channels + channel) * plane + oh0 * out_width;
-          const T* src = products.get() + grp * plan.out_padded + o;
-          for (int64_t p = 0; p < pixels; ++p) dst[p] = src[p * product_row];
+        transpose(products.get() + grp * plan.out_padded, product_row, rows * out_width,
+                  plan.out_per_group,
+                  y + (n * out_channels + grp * plan.out_per_group) * plane + oh0 * out_width,
+                  plane);
+      }
+    }
+  });
+}
+
+// (pixel, G * out_padded) rows of the grad output of one work item (sample n,
+// output rows [oh0, oh0 + rows)): the transpose of its (channel, pixel) rows,
+// zero in each group's lanes past its channels.
+template <typename T>
+void transpose_grad_output(const DirectPlan& plan, const T* grad_output, int64_t n,
+                           int64_t out_channels, int64_t oh0, int64_t rows, T* dst) {
+  const ConvGeometry& g = plan.g;
+  const int64_t pixels = rows * g.w.out_size, product_row = plan.groups * plan.out_padded;
+  for (int64_t grp = 0; grp < plan.groups; ++grp) {
+    T* group_dst = dst + grp * plan.out_padded;
+    transpose(grad_output + (n * out_channels + grp * plan.out_per_group) * g.out_plane() +
+                  oh0 * g.w.out_size,
+              g.out_plane(), plan.out_per_group, pixels, group_dst, product_row);
+    for (int64_t p = 0; p < pixels; ++p) {
+      std::fill(group_dst + p * product_row + plan.out_per_group,
+                group_dst + p * product_row + plan.out_padded, T(0));
+    }
+  }
+}
+
+template <typename T>
+at::Tensor direct_grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                              const ConvGeometry& g, int64_t groups, int64_t out_channels,
+                              int64_t blocks) {
+  const int64_t batch = input.size(0);
+  const DirectPlan plan = make_plan<T>(g, groups, out_channels);
+  constexpr int64_t lanes = Zmm<T>::kLanes;
+  // Per block of samples its partial sums as (G, C_in/G, KH*KW, out_padded),
+  // added in block order at the end: the same sums for any thread count.
+  const at::Tensor partials = at::zeros(
+      {blocks, groups, plan.in_per_group, plan.taps, plan.out_padded}, input.options());
+  const T* x = input.const_data_ptr<T>();
+  const T* go = grad_output.const_data_ptr<T>();
+  T* partial_data = partials.mutable_data_ptr<T>();
+  const int64_t product_row = groups * plan.out_padded;
+  const int64_t packed_channel = plan.packed_rows * plan.packed_width;
+  const int64_t partial_size = groups * plan.in_per_group * plan.taps * plan.out_padded;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    // Uninitialised: every element is written before it is read.
+    const std::unique_ptr<T[]> packed(new T[g.channels * packed_channel]);
+    const std::unique_ptr<T[]> grads(new T[plan.block_rows * g.w.out_size * product_row]);
+    for (int64_t block = begin; block < end; ++block) {
+      T* partial = partial_data + block * partial_size;
+      const int64_t last = batch * (block + 1) / blocks;
+      for (int64_t item = batch * block / blocks * plan.blocks_per_sample;
+           item < last * plan.blocks_per_sample; ++item) {
+        const int64_t n = item / plan.blocks_per_sample;
+        const int64_t oh0 = item % plan.blocks_per_sample * plan.block_rows;
+        const int64_t rows = std::min(plan.block_rows, g.h.out_size - oh0);
+        pack_block(plan, x + n * g.channels * g.h.size * g.w.size,
+                   oh0 * g.h.stride - g.h.pad_before, packed_rows_for(g.h, rows), packed.get());
+        transpose_grad_output(plan, go, n, out_channels, oh0, rows, grads.get());
+        for (int64_t grp = 0; grp < groups; ++grp) {
+          for (int64_t o0 = 0; o0 < plan.out_padded; o0 += kMaxVectors * lanes) {
+            const int vectors = int(std::min<int64_t>(kMaxVectors, (plan.out_padded - o0) / lanes));
+            for (int64_t c = 0; c < plan.in_per_group; ++c) {
+              const T* channel = packed.get() + (grp * plan.in_per_group + c) * packed_channel;
+              T* acc = partial + ((grp * plan.in_per_group + c) * plan.taps) * plan.out_padded + o0;
+              for (int64_t t0 = 0; t0 < plan.taps; t0 += kMaxTaps[vectors]) {
+                const int taps = int(std::min<int64_t>(kMaxTaps[vectors], plan.taps - t0));
+                const GradTileKernel kernel = g.w.stride == 1 ? grad_kernel<T, 1>(vectors, taps)
+                                                               : grad_kernel<T, 2>(vectors, taps);
+                kernel(channel, rows, g.w.out_size, g.h.stride * plan.packed_width,
+                       plan.tap_offsets.data() + t0, grads.get() + grp * plan.out_padded + o0,
+                       product_row, acc + t0 * plan.out_padded, plan.out_padded);
+              }
+            }
+          }
         }
       }
     }
   });
+  // (G, C_in/G, T, O/G) -> (G, O/G, C_in/G, T) = the weight's layout.
+  return partials.sum(0)
+      .narrow(3, 0, plan.out_per_group)
+      .permute({0, 3, 1, 2})
+      .reshape({out_channels, plan.in_per_group, g.h.kernel, g.w.kernel})
+      .contiguous();  // (reshape may keep the permuted strides)
 }
 
 }  // namespace
@@ -311,6 +485,24 @@ void direct_forward_cpu(const at::Tensor& input, const at::Tensor& weight, const
   }
 }
 
+bool direct_grad_weight_applies(at::ScalarType dtype, const ConvGeometry& g, int64_t groups,
+                                int64_t out_channels) {
+  if (!cpu_has_avx512f() || (dtype != at::kFloat && dtype != at::kDouble)) return false;
+  if (g.w.stride > 2 || g.out_plane() == 0) return false;
+  if (out_channels / groups < (dtype == at::kFloat ? 16 : 8)) return false;
+  const int64_t width = packed_rows_for(g.w, g.w.out_size);
+  return packed_rows_for(g.h, 1) * width < std::numeric_limits<int32_t>::max();
+}
+
+at::Tensor direct_grad_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                  const ConvGeometry& g, int64_t groups, int64_t blocks) {
+  const int64_t out_channels = grad_output.size(1);
+  if (input.scalar_type() == at::kFloat) {
+    return direct_grad_weight<float>(grad_output, input, g, groups, out_channels, blocks);
+  }
+  return direct_grad_weight<double>(grad_output, input, g, groups, out_channels, blocks);
+}
+
 #else  // no AVX-512 kernels on this compiler / architecture
 
 bool direct_forward_applies(at::ScalarType, const ConvGeometry&, int64_t, int64_t) {
@@ -320,6 +512,15 @@ bool direct_forward_applies(at::ScalarType, const ConvGeometry&, int64_t, int64_
 void direct_forward_cpu(const at::Tensor&, const at::Tensor&, const ConvGeometry&, int64_t,
                         const at::Tensor&) {
   TORCH_CHECK(false, "padded_conv2d: the direct CPU forward needs AVX-512");
+}
+
+bool direct_grad_weight_applies(at::ScalarType, const ConvGeometry&, int64_t, int64_t) {
+  return false;
+}
+
+at::Tensor direct_grad_weight_cpu(const at::Tensor&, const at::Tensor&, const ConvGeometry&,
+                                  int64_t, int64_t) {
+  TORCH_CHECK(false, "padded_conv2d_grad_weight: the direct CPU kernel needs AVX-512");
 }
 
 #endif

@@ -41,6 +41,11 @@ struct ConvBackend {
                                  int64_t out_channels);
   void (*direct_forward)(const at::Tensor& input, const at::Tensor& weight, const ConvGeometry& g,
                          int64_t groups, const at::Tensor& out);
+  // CPU path only (else nullptr): the direct weight gradient, likewise.
+  bool (*direct_grad_weight_applies)(at::ScalarType dtype, const ConvGeometry& g, int64_t groups,
+                                     int64_t out_channels);
+  at::Tensor (*direct_grad_weight)(const at::Tensor& grad_output, const at::Tensor& input,
+                                   const ConvGeometry& g, int64_t groups, int64_t blocks);
   // CPU: run the GEMMs of blocks of samples in parallel, each single-threaded.
   // Otherwise (CUDA; the CPU twin in tests): a fixed number of launches per chunk
   // of samples, one batched GEMM over the groups (plan_batched).
@@ -61,11 +66,11 @@ LaunchPlan plan_batched(std::string_view which, const at::Tensor& input, const a
                         bool has_bias, at::IntArrayRef stride, at::IntArrayRef padding,
                         at::IntArrayRef dilation, int64_t groups, std::string_view padding_mode);
 
-// Whether padded_conv2d_forward on `backend` takes its direct kernel (tests
-// use it to know which path their shapes exercise).
-bool forward_is_direct(const ConvBackend& backend, const at::Tensor& input,
-                       const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-                       at::IntArrayRef dilation, int64_t groups, std::string_view padding_mode);
+// Whether `which` ("forward" or "grad_weight") on `backend` takes its direct
+// kernel (tests use it to know which path their shapes exercise).
+bool kernel_is_direct(const ConvBackend& backend, std::string_view which, const at::Tensor& input,
+                      const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                      at::IntArrayRef dilation, int64_t groups, std::string_view padding_mode);
 
 at::Tensor padded_conv2d_forward(const ConvBackend& backend, const at::Tensor& input,
                                  const at::Tensor& weight, const c10::optional<at::Tensor>& bias,

@@ -1,7 +1,8 @@
 #pragma once
-// The CPU backend's direct forward (cpu/padded_conv_direct.cpp): register-tiled
-// AVX-512 micro-kernels over packed input rows, no column matrix. The driver
-// (padded_conv.cpp) takes it where direct_forward_applies, else im2col + GEMM.
+// The CPU backend's direct kernels (cpu/padded_conv_direct.cpp), forward and
+// weight gradient: register-tiled AVX-512 micro-kernels over packed input rows,
+// no column matrix. The driver (padded_conv.cpp) takes them where they apply,
+// else im2col + GEMM.
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -23,5 +24,17 @@ bool direct_forward_applies(at::ScalarType dtype, const ConvGeometry& g, int64_t
 // contiguous with weight (C_out, C/groups, KH, KW) contiguous, without bias.
 void direct_forward_cpu(const at::Tensor& input, const at::Tensor& weight, const ConvGeometry& g,
                         int64_t groups, const at::Tensor& out);
+
+// Whether the direct weight gradient runs this problem: as the forward, but
+// any number of terms per output (the sums run over the batch's pixels).
+bool direct_grad_weight_applies(at::ScalarType dtype, const ConvGeometry& g, int64_t groups,
+                                int64_t out_channels);
+
+// The weight gradient (C_out, C/groups, KH, KW) from grad_output (N, C_out, Ho,
+// Wo) and input (N, C, H, W), both contiguous: `blocks` even blocks of samples
+// sum in parallel, each into its own partial, the partials added in block
+// order, so results do not depend on the thread count.
+at::Tensor direct_grad_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                  const ConvGeometry& g, int64_t groups, int64_t blocks);
 
 }  // namespace pyattn
