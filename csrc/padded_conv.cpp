@@ -265,6 +265,13 @@ bool uses_direct_forward(const ConvBackend& backend, const ConvProblem& p, at::S
          backend.direct_forward_applies(dtype, p.geometry, p.groups, p.out_channels);
 }
 
+// Whether the input gradient takes the backend's direct kernel.
+bool uses_direct_grad_input(const ConvBackend& backend, const ConvProblem& p,
+                            at::ScalarType dtype) {
+  return backend.direct_grad_input_applies != nullptr &&
+         backend.direct_grad_input_applies(dtype, p.geometry, p.groups, p.out_channels);
+}
+
 // Whether the weight gradient takes the backend's direct kernel.
 bool uses_direct_grad_weight(const ConvBackend& backend, const ConvProblem& p,
                              at::ScalarType dtype) {
@@ -502,6 +509,11 @@ at::Tensor padded_conv2d_grad_input(const ConvBackend& backend, const at::Tensor
                             .view({groups, p.out_channels / groups, -1})
                             .transpose(1, 2);
   at::Tensor grad_input = at::empty(input.sizes(), input.options());
+  if (uses_direct_grad_input(backend, p, input.scalar_type())) {
+    backend.direct_grad_input(go.view({p.batch, p.out_channels, g.h.out_size, g.w.out_size}),
+                              weight.contiguous(), g, groups, grad_input);
+    return in_input_layout(grad_input, input);
+  }
   if (!backend.gemm_per_thread) {
     batched_grad_input(backend, p, go, wt, grad_input);
     return in_input_layout(grad_input, input);
@@ -582,7 +594,7 @@ LaunchPlan plan_batched(std::string_view which, const at::Tensor& input, const a
   constexpr const char* op = "padded_conv2d_launch_plan";
   const ConvBackend any_dtype{"any device", [](at::ScalarType) { return true; }, nullptr, nullptr,
                               nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                              false};
+                              nullptr, nullptr, false};
   const ConvProblem p = check_problem(op, any_dtype, input, weight, stride, padding, dilation,
                                       groups, padding_mode);
   return make_plan(which, p, input.scalar_type(), has_bias);
@@ -595,8 +607,9 @@ bool kernel_is_direct(const ConvBackend& backend, std::string_view which, const 
                                       dilation, groups, padding_mode);
   if (is_empty_problem(p)) return false;
   if (which == "forward") return uses_direct_forward(backend, p, input.scalar_type());
-  TORCH_CHECK_VALUE(which == "grad_weight", "padded_conv2d_cpu_path: `which` must be 'forward' "
-                    "or 'grad_weight', got '", which, "'");
+  if (which == "grad_input") return uses_direct_grad_input(backend, p, input.scalar_type());
+  TORCH_CHECK_VALUE(which == "grad_weight", "padded_conv2d_cpu_path: `which` must be 'forward', "
+                    "'grad_input' or 'grad_weight', got '", which, "'");
   return uses_direct_grad_weight(backend, p, input.scalar_type());
 }
 

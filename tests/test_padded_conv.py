@@ -200,18 +200,20 @@ def _cpu_path(which, x, w, stride, padding, dilation, groups, mode):
         which, x, w, pair(stride), pads, pair(dilation), groups, mode)
 
 
-# The CPU's direct kernels (AVX-512; forward and weight gradient, which _check
-# both compares): (batch, C_in, C_out, H, W, kernel,
-# stride, padding, dilation, groups). Output widths 1, 7 and 113 (113: tiles of
-# 15-16 pixels, uneven); 40 and 80 output channels end in part-filled vectors
-# (80: a second block of channel vectors); stride 3 along the height, dilation
-# 2, groups 2 and asymmetric padding; 40 x 113 x 64 channels packs several row
-# blocks per sample (about 256 KiB each); Net1's conv4 (6 x 6 outputs).
+# The CPU's direct kernels (AVX-512; forward and both gradients, which _check
+# compares): (batch, C_in, C_out, H, W, kernel, stride, padding, dilation,
+# groups). Output widths 1, 7 and 113 (113: tiles of 15-16 pixels, uneven); 40
+# and 80 output channels end in part-filled vectors (80: a second block of
+# channel vectors); stride 3 along the height, dilation 2, groups 2 and
+# asymmetric padding; 40 x 113 x 24 channels packs several row blocks per sample
+# in the forward (about 256 KiB each), up to 1 MiB for the input gradient, and
+# leaves part of a vector of input channels;
+# Net1's conv4 (6 x 6 outputs).
 DIRECT_SHAPES = [
     (3, 16, 32, 5, 3, 3, 2, (2, 2, 0, 1), 1, 1),
-    (2, 8, 40, 9, 12, 3, (3, 1), (1, 0, 2, 1), (2, 1), 1),
+    (2, 16, 40, 9, 12, 3, (3, 1), (1, 0, 2, 1), (2, 1), 1),
     (2, 32, 80, 6, 8, 3, 2, 2, 1, 2),
-    (1, 64, 32, 40, 113, 3, 1, 1, 1, 1),
+    (1, 24, 32, 40, 113, 3, 1, 1, 1, 1),
     (5, 64, 64, 10, 10, 3, 2, 2, 1, 1),
     (2, 16, 16, 11, 9, 5, (1, 2), 2, (1, 2), 1),
 ]
@@ -226,22 +228,24 @@ def test_direct_kernels(dtype, mode, shape):
     w = torch.randn(c_out, c_in // groups, kernel, kernel, dtype=dtype)
     if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         pytest.skip("the direct CPU forward needs AVX-512")
-    for which in ("forward", "grad_weight"):
+    for which in ("forward", "grad_input", "grad_weight"):
         assert _cpu_path(which, x, w, stride, padding, dilation, groups, mode) == "direct", which
     _check(x, w, torch.randn(c_out, dtype=dtype), stride, padding, dilation, groups, mode)
 
 
-@pytest.mark.parametrize("c_in, c_out, kernel, stride, paths", [
-    (3, 32, 3, 1, ("gemm", "direct")),  # forward: 27 terms per output (Net1's first layer)
-    (32, 8, 3, 1, ("gemm", "gemm")),    # 8 output channels fill half a float vector
-    (32, 32, 3, 3, ("gemm", "gemm")),   # width stride 3
+# (forward, grad input, grad weight) where one condition fails.
+@pytest.mark.parametrize("c_in, c_out, size, stride, paths", [
+    (3, 32, 12, 1, ("gemm", "gemm", "direct")),     # 27 terms per output; 3 input channels
+    (32, 8, 12, 1, ("gemm", "gemm", "gemm")),       # 8 output channels: half a float vector
+    (32, 32, 12, 3, ("gemm", "direct", "gemm")),    # width stride 3 (grad input: any stride)
+    (16, 16, 200, 1, ("direct", "gemm", "direct")),  # grad input packs 2.6 MB per sample
 ])
-def test_direct_kernels_where_they_apply(c_in, c_out, kernel, stride, paths):
+def test_direct_kernels_where_they_apply(c_in, c_out, size, stride, paths):
     if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        paths = ("gemm", "gemm")  # the direct kernels need AVX-512
-    x = torch.randn(2, c_in, 12, 12)
-    w = torch.randn(c_out, c_in, kernel, kernel)
-    for which, path in zip(("forward", "grad_weight"), paths):
+        paths = ("gemm", "gemm", "gemm")  # the direct kernels need AVX-512
+    x = torch.randn(2, c_in, size, size)
+    w = torch.randn(c_out, c_in, 3, 3)
+    for which, path in zip(("forward", "grad_input", "grad_weight"), paths):
         assert _cpu_path(which, x, w, stride, 1, 1, 1, "reflect") == path, which
     _check(x, w, None, stride, 1, 1, 1, "reflect")
 

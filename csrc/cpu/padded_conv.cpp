@@ -629,10 +629,11 @@ void col2im_batched_cpu(const at::Tensor& cols, const at::Tensor& grad_input,
 constexpr ConvBackend kCpu{"CPU (float32, float64)", cpu_supports, im2col_cpu, col2im_cpu,
                            im2col_batched_cpu, col2im_batched_cpu, accumulate_grad_weight_cpu,
                            direct_forward_applies, direct_forward_cpu, direct_grad_weight_applies,
-                           direct_grad_weight_cpu, /*gemm_per_thread=*/true};
+                           direct_grad_weight_cpu, direct_grad_input_applies,
+                           direct_grad_input_cpu, /*gemm_per_thread=*/true};
 constexpr ConvBackend kCpuTwin{"CPU twin of the CUDA path (float32, float64)", cpu_supports,
                                nullptr, nullptr, im2col_batched_cpu, col2im_batched_cpu,
-                               nullptr, nullptr, nullptr, nullptr, nullptr,
+                               nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
                                /*gemm_per_thread=*/false};
 
 // One entry point for the tests: which = forward | grad_input | grad_weight.
@@ -662,7 +663,7 @@ at::Tensor batched_cpu_twin(c10::string_view which, const c10::optional<at::Tens
 TORCH_LIBRARY_IMPL(pyattn, CPU, m) { register_padded_conv2d<kCpu>(m); }
 
 // Test-only: the batched (CUDA) driver and kernels' per-element code on CPU,
-// and which kernel the CPU forward / weight gradient takes for given shapes.
+// and which kernel each CPU pass takes for given shapes.
 TORCH_LIBRARY_FRAGMENT(pyattn, m) {
   m.def("padded_conv2d_cpu_path(str which, Tensor input, Tensor weight, int[2] stride, "
         "int[4] padding, int[2] dilation, int groups, str padding_mode) -> str",

@@ -19,6 +19,8 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "pyattn/padded_conv_direct.h"
@@ -90,7 +92,8 @@ struct Zmm<double> {
 //   x[c * channel_stride + tap_offsets[t] + S * p] * w[(c * taps + t) * w_row + j * lanes + l]
 // for P pixels (stride S apart in the packed rows) and NB channel vectors:
 // P * NB accumulators in registers, one weight row and P broadcasts per step.
-template <typename T, int P, int NB, int S>
+// Add: dst += the sums instead (the input gradient's scatter).
+template <typename T, int P, int NB, int S, bool Add>
 __attribute__((target("avx512f"))) void conv_tile(const T* x, int64_t channels,
                                                   int64_t channel_stride,
                                                   const int32_t* tap_offsets, int64_t taps,
@@ -114,7 +117,10 @@ __attribute__((target("avx512f"))) void conv_tile(const T* x, int64_t channels,
     }
   }
   for (int p = 0; p < P; ++p) {
-    for (int j = 0; j < NB; ++j) Z::store(dst + p * dst_row + j * Z::kLanes, acc[p][j]);
+    for (int j = 0; j < NB; ++j) {
+      T* out = dst + p * dst_row + j * Z::kLanes;
+      Z::store(out, Add ? Z::add(Z::load(out), acc[p][j]) : acc[p][j]);
+    }
   }
 }
 
@@ -126,30 +132,31 @@ using TileKernel = void (*)(const void*, int64_t, int64_t, const int32_t*, int64
 constexpr int kMaxVectors = 4;
 constexpr std::array<int, kMaxVectors + 1> kMaxPixels{0, 16, 12, 8, 6};
 
-template <typename T, int P, int NB, int S>
+template <typename T, int P, int NB, int S, bool Add>
 void conv_tile_erased(const void* x, int64_t channels, int64_t channel_stride,
                       const int32_t* tap_offsets, int64_t taps, const void* w, int64_t w_row,
                       void* dst, int64_t dst_row) {
-  conv_tile<T, P, NB, S>(static_cast<const T*>(x), channels, channel_stride, tap_offsets, taps,
+  conv_tile<T, P, NB, S, Add>(static_cast<const T*>(x), channels, channel_stride, tap_offsets, taps,
                          static_cast<const T*>(w), w_row, static_cast<T*>(dst), dst_row);
 }
 
-template <typename T, int NB, int S, int P = kMaxPixels[NB]>
+template <typename T, int NB, int S, bool Add, int P = kMaxPixels[NB]>
 TileKernel tile_kernel_for_pixels(int pixels) {
   if constexpr (P == 0) {
     return nullptr;
   } else {
-    return pixels == P ? &conv_tile_erased<T, P, NB, S> : tile_kernel_for_pixels<T, NB, S, P - 1>(pixels);
+    return pixels == P ? &conv_tile_erased<T, P, NB, S, Add>
+                       : tile_kernel_for_pixels<T, NB, S, Add, P - 1>(pixels);
   }
 }
 
-template <typename T, int S>
+template <typename T, int S, bool Add = false>
 TileKernel tile_kernel(int vectors, int pixels) {
   switch (vectors) {
-    case 1: return tile_kernel_for_pixels<T, 1, S>(pixels);
-    case 2: return tile_kernel_for_pixels<T, 2, S>(pixels);
-    case 3: return tile_kernel_for_pixels<T, 3, S>(pixels);
-    default: return tile_kernel_for_pixels<T, 4, S>(pixels);
+    case 1: return tile_kernel_for_pixels<T, 1, S, Add>(pixels);
+    case 2: return tile_kernel_for_pixels<T, 2, S, Add>(pixels);
+    case 3: return tile_kernel_for_pixels<T, 3, S, Add>(pixels);
+    default: return tile_kernel_for_pixels<T, 4, S, Add>(pixels);
   }
 }
 
@@ -273,10 +280,54 @@ DirectPlan make_plan(const ConvGeometry& g, int64_t groups, int64_t out_channels
   return plan;
 }
 
+// One 16 x 16 float tile: b[j * b_row + i] = a[i * a_row + j] for i < rows,
+// j < cols (both <= 16) in 64 in-register shuffles: unpack 32-bit, then
+// 64-bit pairs, then two rounds of 128-bit lane shuffles. Lanes past `rows` /
+// `cols` are masked off on load and store.
+__attribute__((target("avx512f"))) void transpose_tile_16(const float* a, int64_t a_row,
+                                                          int64_t rows, int64_t cols, float* b,
+                                                          int64_t b_row) {
+  const __mmask16 col_mask = __mmask16((1u << cols) - 1), row_mask = __mmask16((1u << rows) - 1);
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) {
+    r[i] = i < rows ? _mm512_maskz_loadu_ps(col_mask, a + i * a_row) : _mm512_setzero_ps();
+  }
+  for (int k = 0; k < 8; ++k) {
+    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+  }
+  // r[4k + m], lane L: rows 4k..4k+3 of column 4L + m.
+  for (int k = 0; k < 4; ++k) {
+    const __m512d t0 = _mm512_castps_pd(t[4 * k]), t1 = _mm512_castps_pd(t[4 * k + 1]);
+    const __m512d t2 = _mm512_castps_pd(t[4 * k + 2]), t3 = _mm512_castps_pd(t[4 * k + 3]);
+    r[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    r[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    r[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    r[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+  for (int m = 0; m < 4; ++m) {
+    t[m] = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88);       // lanes 0, 2 of rows 0-7
+    t[m + 4] = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xdd);   // lanes 1, 3 of rows 0-7
+    t[m + 8] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88);
+    t[m + 12] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xdd);
+  }
+  for (int m = 0; m < 4; ++m) {
+    const __m512 column[4] = {_mm512_shuffle_f32x4(t[m], t[m + 8], 0x88),
+                              _mm512_shuffle_f32x4(t[m + 4], t[m + 12], 0x88),
+                              _mm512_shuffle_f32x4(t[m], t[m + 8], 0xdd),
+                              _mm512_shuffle_f32x4(t[m + 4], t[m + 12], 0xdd)};
+    for (int lane = 0; lane < 4; ++lane) {
+      const int j = 4 * lane + m;
+      if (j < cols) _mm512_mask_storeu_ps(b + j * b_row, row_mask, column[lane]);
+    }
+  }
+}
+
 // b[j * b_row + i] = a[i * a_row + j] for i < rows, j < cols, in 16 x 16
 // tiles: both sides' cache lines of a tile stay in L1 while it is copied (a
 // whole-row pass with a strided side missed L1 on every element: 70% of Net1
-// conv1's weight gradient).
+// conv1's weight gradient). float tiles go through registers (the direct
+// kernels run only on AVX-512 CPUs); double (tests, gradcheck) element-wise.
 template <typename T>
 void transpose(const T* __restrict a, int64_t a_row, int64_t rows, int64_t cols, T* __restrict b,
                int64_t b_row) {
@@ -285,8 +336,12 @@ void transpose(const T* __restrict a, int64_t a_row, int64_t rows, int64_t cols,
     const int64_t i1 = std::min(rows, i0 + kTile);
     for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
       const int64_t j1 = std::min(cols, j0 + kTile);
-      for (int64_t i = i0; i < i1; ++i) {
-        for (int64_t j = j0; j < j1; ++j) b[j * b_row + i] = a[i * a_row + j];
+      if constexpr (std::is_same_v<T, float>) {
+        transpose_tile_16(a + i0 * a_row + j0, a_row, i1 - i0, j1 - j0, b + j0 * b_row + i0, b_row);
+      } else {
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t j = j0; j < j1; ++j) b[j * b_row + i] = a[i * a_row + j];
+        }
       }
     }
   }
@@ -460,6 +515,109 @@ at::Tensor direct_grad_weight(const at::Tensor& grad_output, const at::Tensor& i
       .contiguous();  // (reshape may keep the permuted strides)
 }
 
+// The input gradient's packed buffer (padded rows x padded columns x input
+// channels of one sample) stays within this, in L2 while it is summed.
+constexpr int64_t kGradPackBytes = 1 << 20;
+
+// Packed extent along an axis for the input gradient: every position a tap reads.
+int64_t grad_packed_extent(const Axis& a) { return packed_rows_for(a, a.out_size); }
+
+// [begin, end) of packed positions along an axis that are input elements
+// (position i reads element i - pad_before).
+std::pair<int64_t, int64_t> interior(const Axis& a, int64_t extent) {
+  const int64_t begin = std::clamp<int64_t>(a.pad_before, 0, extent);
+  return {begin, std::clamp<int64_t>(a.pad_before + a.size, begin, extent)};
+}
+
+// Per sample: the grad output's products with the weight, scattered into the
+// gradient of the packed input, (row, column, channel) positions (a tile of P
+// pixels x NB vectors of input channels summed over the output channels, then
+// added at the positions one tap reads), folded into the input's (channel,
+// row, column) layout through padding.h's source_index: input positions by a
+// transpose, padding positions added to the elements they read. Samples run
+// in parallel, each sum in one fixed order.
+template <typename T>
+void direct_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
+                       const ConvGeometry& g, int64_t groups, const at::Tensor& grad_input) {
+  const int64_t batch = grad_output.size(0), out_channels = grad_output.size(1);
+  constexpr int64_t lanes = Zmm<T>::kLanes;
+  const int64_t in_per_group = g.channels / groups, out_per_group = out_channels / groups;
+  const int64_t in_padded = (in_per_group + lanes - 1) / lanes * lanes;
+  const int64_t taps = g.h.kernel * g.w.kernel;
+  const int64_t rows = grad_packed_extent(g.h), width = grad_packed_extent(g.w);
+  const int64_t position = groups * in_padded;  // one packed position's channels
+  const int64_t plane = g.out_plane(), input_plane = g.input_plane();
+  // (G, KH*KW, C_out/G, in_padded): per (tap, output channel) a row of input
+  // channel weights, zero past the group's channels.
+  const at::Tensor packed_weight =
+      at::zeros({groups, taps, out_per_group, in_padded}, weight.options());
+  packed_weight.narrow(3, 0, in_per_group)
+      .copy_(weight.reshape({groups, out_per_group, in_per_group, taps}).permute({0, 3, 1, 2}));
+  std::vector<int64_t> row_source(rows), column_source(width);
+  for (int64_t r = 0; r < rows; ++r) row_source[r] = source_index(r - g.h.pad_before, g.h.size, g.mode);
+  for (int64_t q = 0; q < width; ++q) column_source[q] = source_index(q - g.w.pad_before, g.w.size, g.mode);
+  const auto [row_begin, row_end] = interior(g.h, rows);
+  const auto [column_begin, column_end] = interior(g.w, width);
+  const T* go = grad_output.const_data_ptr<T>();
+  const T* w = packed_weight.const_data_ptr<T>();
+  T* gx = grad_input.mutable_data_ptr<T>();
+  const int32_t no_offset = 0;
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    const std::unique_ptr<T[]> packed(new T[rows * width * position]);
+    for (int64_t n = begin; n < end; ++n) {
+      std::fill(packed.get(), packed.get() + rows * width * position, T(0));
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        const T* group_go = go + (n * out_channels + grp * out_per_group) * plane;
+        for (int64_t c0 = 0; c0 < in_padded; c0 += kMaxVectors * lanes) {
+          const int vectors = int(std::min<int64_t>(kMaxVectors, (in_padded - c0) / lanes));
+          const int64_t tiles = (g.w.out_size + kMaxPixels[vectors] - 1) / kMaxPixels[vectors];
+          for (int64_t oh = 0; oh < g.h.out_size; ++oh) {
+            for (int64_t t = 0; t < taps; ++t) {
+              const int64_t r = oh * g.h.stride + t / g.w.kernel * g.h.dilation;
+              const int64_t q0 = t % g.w.kernel * g.w.dilation;
+              T* dst = packed.get() + (r * width + q0) * position + grp * in_padded + c0;
+              const T* tap_weight = w + (grp * taps + t) * out_per_group * in_padded + c0;
+              for (int64_t tile = 0, ow = 0; tile < tiles; ++tile) {
+                const int pixels = int((g.w.out_size * (tile + 1)) / tiles - ow);
+                tile_kernel<T, 1, true>(vectors, pixels)(
+                    group_go + oh * g.w.out_size + ow, out_per_group, plane, &no_offset, 1,
+                    tap_weight, in_padded, dst + ow * g.w.stride * position,
+                    g.w.stride * position);
+                ow += pixels;
+              }
+            }
+          }
+        }
+      }
+      T* sample = gx + n * g.channels * input_plane;
+      std::fill(sample, sample + g.channels * input_plane, T(0));
+      for (int64_t r = row_begin; r < row_end; ++r) {
+        for (int64_t grp = 0; grp < groups; ++grp) {
+          transpose(packed.get() + (r * width + column_begin) * position + grp * in_padded,
+                    position, column_end - column_begin, in_per_group,
+                    sample + grp * in_per_group * input_plane +
+                        (r - g.h.pad_before) * g.w.size + (column_begin - g.w.pad_before),
+                    input_plane);
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const bool inner_row = r >= row_begin && r < row_end;
+        for (int64_t q = 0; q < width; ++q) {
+          if (inner_row && q >= column_begin && q < column_end) continue;
+          if (row_source[r] < 0 || column_source[q] < 0) continue;
+          const T* src = packed.get() + (r * width + q) * position;
+          T* element = sample + row_source[r] * g.w.size + column_source[q];
+          for (int64_t grp = 0; grp < groups; ++grp) {
+            for (int64_t c = 0; c < in_per_group; ++c) {
+              element[(grp * in_per_group + c) * input_plane] += src[grp * in_padded + c];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 bool direct_forward_applies(at::ScalarType dtype, const ConvGeometry& g, int64_t groups,
@@ -503,6 +661,27 @@ at::Tensor direct_grad_weight_cpu(const at::Tensor& grad_output, const at::Tenso
   return direct_grad_weight<double>(grad_output, input, g, groups, out_channels, blocks);
 }
 
+bool direct_grad_input_applies(at::ScalarType dtype, const ConvGeometry& g, int64_t groups,
+                               int64_t out_channels) {
+  if (!cpu_has_avx512f() || (dtype != at::kFloat && dtype != at::kDouble)) return false;
+  if (g.out_plane() == 0) return false;
+  const int64_t lanes = dtype == at::kFloat ? 16 : 8;
+  const int64_t in_per_group = g.channels / groups;
+  if (in_per_group < lanes || out_channels / groups < kMinDirectGradInputTerms) return false;
+  const int64_t padded = (in_per_group + lanes - 1) / lanes * lanes;
+  return grad_packed_extent(g.h) * grad_packed_extent(g.w) * groups * padded *
+             int64_t(dtype == at::kFloat ? 4 : 8) <= kGradPackBytes;
+}
+
+void direct_grad_input_cpu(const at::Tensor& grad_output, const at::Tensor& weight,
+                           const ConvGeometry& g, int64_t groups, const at::Tensor& grad_input) {
+  if (grad_output.scalar_type() == at::kFloat) {
+    direct_grad_input<float>(grad_output, weight, g, groups, grad_input);
+  } else {
+    direct_grad_input<double>(grad_output, weight, g, groups, grad_input);
+  }
+}
+
 #else  // no AVX-512 kernels on this compiler / architecture
 
 bool direct_forward_applies(at::ScalarType, const ConvGeometry&, int64_t, int64_t) {
@@ -521,6 +700,15 @@ bool direct_grad_weight_applies(at::ScalarType, const ConvGeometry&, int64_t, in
 at::Tensor direct_grad_weight_cpu(const at::Tensor&, const at::Tensor&, const ConvGeometry&,
                                   int64_t, int64_t) {
   TORCH_CHECK(false, "padded_conv2d_grad_weight: the direct CPU kernel needs AVX-512");
+}
+
+bool direct_grad_input_applies(at::ScalarType, const ConvGeometry&, int64_t, int64_t) {
+  return false;
+}
+
+void direct_grad_input_cpu(const at::Tensor&, const at::Tensor&, const ConvGeometry&, int64_t,
+                           const at::Tensor&) {
+  TORCH_CHECK(false, "padded_conv2d_grad_input: the direct CPU kernel needs AVX-512");
 }
 
 #endif

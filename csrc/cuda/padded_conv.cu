@@ -79,7 +79,7 @@ void col2im_cuda(const at::Tensor& cols, const at::Tensor& grad_input, const Con
 
 constexpr ConvBackend kCuda{"CUDA (float16, bfloat16, float32, float64)", cuda_supports,
                             nullptr, nullptr, im2col_cuda, col2im_cuda, nullptr, nullptr, nullptr,
-                            nullptr, nullptr, /*gemm_per_thread=*/false};
+                            nullptr, nullptr, nullptr, nullptr, /*gemm_per_thread=*/false};
 
 }  // namespace
 

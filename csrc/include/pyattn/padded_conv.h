@@ -46,6 +46,11 @@ struct ConvBackend {
                                      int64_t out_channels);
   at::Tensor (*direct_grad_weight)(const at::Tensor& grad_output, const at::Tensor& input,
                                    const ConvGeometry& g, int64_t groups, int64_t blocks);
+  // CPU path only (else nullptr): the direct input gradient, likewise.
+  bool (*direct_grad_input_applies)(at::ScalarType dtype, const ConvGeometry& g, int64_t groups,
+                                    int64_t out_channels);
+  void (*direct_grad_input)(const at::Tensor& grad_output, const at::Tensor& weight,
+                            const ConvGeometry& g, int64_t groups, const at::Tensor& grad_input);
   // CPU: run the GEMMs of blocks of samples in parallel, each single-threaded.
   // Otherwise (CUDA; the CPU twin in tests): a fixed number of launches per chunk
   // of samples, one batched GEMM over the groups (plan_batched).
@@ -66,7 +71,7 @@ LaunchPlan plan_batched(std::string_view which, const at::Tensor& input, const a
                         bool has_bias, at::IntArrayRef stride, at::IntArrayRef padding,
                         at::IntArrayRef dilation, int64_t groups, std::string_view padding_mode);
 
-// Whether `which` ("forward" or "grad_weight") on `backend` takes its direct
+// Whether `which` ("forward", "grad_input" or "grad_weight") on `backend` takes its direct
 // kernel (tests use it to know which path their shapes exercise).
 bool kernel_is_direct(const ConvBackend& backend, std::string_view which, const at::Tensor& input,
                       const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,

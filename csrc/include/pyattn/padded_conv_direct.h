@@ -1,6 +1,6 @@
 #pragma once
 // The CPU backend's direct kernels (cpu/padded_conv_direct.cpp), forward and
-// weight gradient: register-tiled AVX-512 micro-kernels over packed input rows,
+// both gradients: register-tiled AVX-512 micro-kernels over packed input rows,
 // no column matrix. The driver (padded_conv.cpp) takes them where they apply,
 // else im2col + GEMM.
 #include <ATen/core/Tensor.h>
@@ -11,8 +11,11 @@
 
 namespace pyattn {
 
-// Fewest terms per output (C_in/groups * KH * KW) for the direct path.
+// Fewest terms per output (C_in/groups * KH * KW) for the direct forward.
 constexpr int64_t kMinDirectTerms = 64;
+// Fewest output channels per group (the terms of each product the direct
+// input gradient scatters) for it.
+constexpr int64_t kMinDirectGradInputTerms = 16;
 
 // Whether the direct forward runs this problem: an AVX-512 CPU, float32 or
 // float64, width stride 1 or 2, at least kMinDirectTerms terms per output and
@@ -36,5 +39,16 @@ bool direct_grad_weight_applies(at::ScalarType dtype, const ConvGeometry& g, int
 // order, so results do not depend on the thread count.
 at::Tensor direct_grad_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input,
                                   const ConvGeometry& g, int64_t groups, int64_t blocks);
+
+// Whether the direct input gradient runs this problem: an AVX-512 CPU, float32
+// or float64, a vector's worth of input channels and kMinDirectGradInputTerms
+// output channels per group, and one sample's packed gradient within 1 MiB.
+bool direct_grad_input_applies(at::ScalarType dtype, const ConvGeometry& g, int64_t groups,
+                               int64_t out_channels);
+
+// grad_input (N, C, H, W) contiguous, overwritten, from grad_output (N, C_out,
+// Ho, Wo) and weight (C_out, C/groups, KH, KW), both contiguous.
+void direct_grad_input_cpu(const at::Tensor& grad_output, const at::Tensor& weight,
+                           const ConvGeometry& g, int64_t groups, const at::Tensor& grad_input);
 
 }  // namespace pyattn
