@@ -192,6 +192,20 @@ def test_several_samples_per_gemm(mode, stride, groups, size):
     _check(x, w, torch.randn(6), stride, 1, 1, groups, mode)
 
 
+def _cpu_has_avx512f():
+    """The direct kernels' own condition (the CPU's avx512f flag), not torch's
+    capability, which ATEN_CPU_CAPABILITY can lower and which also asks for
+    AVX-512 BW / VL / DQ."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return "avx512f" in cpuinfo.read().split()
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+_HAS_AVX512F = _cpu_has_avx512f()
+
+
 def _cpu_path(which, x, w, stride, padding, dilation, groups, mode):
     """'direct' or 'gemm': the kernel the CPU forward / weight gradient takes."""
     pair = lambda v: list(v) if isinstance(v, tuple) else [v, v]
@@ -207,8 +221,8 @@ def _cpu_path(which, x, w, stride, padding, dilation, groups, mode):
 # channel vectors); stride 3 along the height, dilation 2, groups 2 and
 # asymmetric padding; 40 x 113 x 24 channels packs several row blocks per sample
 # in the forward (about 256 KiB each), up to 1 MiB for the input gradient, and
-# leaves part of a vector of input channels;
-# Net1's conv4 (6 x 6 outputs).
+# leaves part of a vector of input channels; Net1's conv4 (6 x 6 outputs);
+# 256 output channels, whose products cap a block at 3 rows (1 in float64).
 DIRECT_SHAPES = [
     (3, 16, 32, 5, 3, 3, 2, (2, 2, 0, 1), 1, 1),
     (2, 16, 40, 9, 12, 3, (3, 1), (1, 0, 2, 1), (2, 1), 1),
@@ -216,6 +230,7 @@ DIRECT_SHAPES = [
     (1, 24, 32, 40, 113, 3, 1, 1, 1, 1),
     (5, 64, 64, 10, 10, 3, 2, 2, 1, 1),
     (2, 16, 16, 11, 9, 5, (1, 2), 2, (1, 2), 1),
+    (1, 16, 256, 12, 70, 3, 1, 1, 1, 1),
 ]
 
 
@@ -226,8 +241,8 @@ def test_direct_kernels(dtype, mode, shape):
     batch, c_in, c_out, height, width, kernel, stride, padding, dilation, groups = shape
     x = torch.randn(batch, c_in, height, width, dtype=dtype)
     w = torch.randn(c_out, c_in // groups, kernel, kernel, dtype=dtype)
-    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        pytest.skip("the direct CPU forward needs AVX-512")
+    if not _HAS_AVX512F:
+        pytest.skip("the direct CPU kernels need AVX-512")
     for which in ("forward", "grad_input", "grad_weight"):
         assert _cpu_path(which, x, w, stride, padding, dilation, groups, mode) == "direct", which
     _check(x, w, torch.randn(c_out, dtype=dtype), stride, padding, dilation, groups, mode)
@@ -241,7 +256,7 @@ def test_direct_kernels(dtype, mode, shape):
     (16, 16, 200, 1, ("direct", "gemm", "direct")),  # grad input packs 2.6 MB per sample
 ])
 def test_direct_kernels_where_they_apply(c_in, c_out, size, stride, paths):
-    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+    if not _HAS_AVX512F:
         paths = ("gemm", "gemm", "gemm")  # the direct kernels need AVX-512
     x = torch.randn(2, c_in, size, size)
     w = torch.randn(c_out, c_in, 3, 3)

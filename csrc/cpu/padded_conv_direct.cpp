@@ -258,9 +258,13 @@ DirectPlan make_plan(const ConvGeometry& g, int64_t groups, int64_t out_channels
                   packed_rows_for(g.w, g.w.out_size), 1, 0, 0, {}, {}, 0, 0};
   constexpr int64_t lanes = Zmm<T>::kLanes;
   plan.out_padded = (plan.out_per_group + lanes - 1) / lanes * lanes;
+  // Rows per block: the packed input rows and the block's (pixel, channel)
+  // products (or transposed grad output) each within kPackBytes.
   const int64_t row_bytes = g.channels * plan.packed_width * int64_t(sizeof(T));
+  const int64_t product_row_bytes = g.w.out_size * groups * plan.out_padded * int64_t(sizeof(T));
   while (plan.block_rows < g.h.out_size &&
-         packed_rows_for(g.h, plan.block_rows + 1) * row_bytes <= kPackBytes) {
+         packed_rows_for(g.h, plan.block_rows + 1) * row_bytes <= kPackBytes &&
+         (plan.block_rows + 1) * product_row_bytes <= kPackBytes) {
     ++plan.block_rows;
   }
   plan.packed_rows = packed_rows_for(g.h, plan.block_rows);
@@ -287,35 +291,39 @@ DirectPlan make_plan(const ConvGeometry& g, int64_t groups, int64_t out_channels
 __attribute__((target("avx512f"))) void transpose_tile_16(const float* a, int64_t a_row,
                                                           int64_t rows, int64_t cols, float* b,
                                                           int64_t b_row) {
+  // Full-mask maskz forms: the plain intrinsics draw GCC 12's
+  // -Wmaybe-uninitialized (their pass-through operand is undefined).
+  constexpr __mmask16 kAll16 = 0xFFFF;
+  constexpr __mmask8 kAll8 = 0xFF;
   const __mmask16 col_mask = __mmask16((1u << cols) - 1), row_mask = __mmask16((1u << rows) - 1);
   __m512 r[16], t[16];
   for (int i = 0; i < 16; ++i) {
     r[i] = i < rows ? _mm512_maskz_loadu_ps(col_mask, a + i * a_row) : _mm512_setzero_ps();
   }
   for (int k = 0; k < 8; ++k) {
-    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
-    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    t[2 * k] = _mm512_maskz_unpacklo_ps(kAll16, r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_maskz_unpackhi_ps(kAll16, r[2 * k], r[2 * k + 1]);
   }
   // r[4k + m], lane L: rows 4k..4k+3 of column 4L + m.
   for (int k = 0; k < 4; ++k) {
     const __m512d t0 = _mm512_castps_pd(t[4 * k]), t1 = _mm512_castps_pd(t[4 * k + 1]);
     const __m512d t2 = _mm512_castps_pd(t[4 * k + 2]), t3 = _mm512_castps_pd(t[4 * k + 3]);
-    r[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
-    r[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
-    r[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
-    r[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+    r[4 * k] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(kAll8, t0, t2));
+    r[4 * k + 1] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(kAll8, t0, t2));
+    r[4 * k + 2] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(kAll8, t1, t3));
+    r[4 * k + 3] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(kAll8, t1, t3));
   }
   for (int m = 0; m < 4; ++m) {
-    t[m] = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88);       // lanes 0, 2 of rows 0-7
-    t[m + 4] = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xdd);   // lanes 1, 3 of rows 0-7
-    t[m + 8] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88);
-    t[m + 12] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xdd);
+    t[m] = _mm512_maskz_shuffle_f32x4(kAll16, r[m], r[4 + m], 0x88);       // lanes 0, 2 of rows 0-7
+    t[m + 4] = _mm512_maskz_shuffle_f32x4(kAll16, r[m], r[4 + m], 0xdd);   // lanes 1, 3 of rows 0-7
+    t[m + 8] = _mm512_maskz_shuffle_f32x4(kAll16, r[8 + m], r[12 + m], 0x88);
+    t[m + 12] = _mm512_maskz_shuffle_f32x4(kAll16, r[8 + m], r[12 + m], 0xdd);
   }
   for (int m = 0; m < 4; ++m) {
-    const __m512 column[4] = {_mm512_shuffle_f32x4(t[m], t[m + 8], 0x88),
-                              _mm512_shuffle_f32x4(t[m + 4], t[m + 12], 0x88),
-                              _mm512_shuffle_f32x4(t[m], t[m + 8], 0xdd),
-                              _mm512_shuffle_f32x4(t[m + 4], t[m + 12], 0xdd)};
+    const __m512 column[4] = {_mm512_maskz_shuffle_f32x4(kAll16, t[m], t[m + 8], 0x88),
+                              _mm512_maskz_shuffle_f32x4(kAll16, t[m + 4], t[m + 12], 0x88),
+                              _mm512_maskz_shuffle_f32x4(kAll16, t[m], t[m + 8], 0xdd),
+                              _mm512_maskz_shuffle_f32x4(kAll16, t[m + 4], t[m + 12], 0xdd)};
     for (int lane = 0; lane < 4; ++lane) {
       const int j = 4 * lane + m;
       if (j < cols) _mm512_mask_storeu_ps(b + j * b_row, row_mask, column[lane]);
@@ -366,8 +374,9 @@ void pack_block(const DirectPlan& plan, const T* __restrict sample, int64_t firs
       }
       const T* row = channel + source_row * g.w.size;
       for (int64_t q = 0; q < begin; ++q) packed[q] = column_source[q] < 0 ? T(0) : row[column_source[q]];
-      const T* shifted = row - g.w.pad_before;  // interior: packed column q reads q - pad
-      for (int64_t q = begin; q < end; ++q) packed[q] = shifted[q];
+      // Interior: packed column q reads element q - pad_before.
+      const T* inside = row + (begin - g.w.pad_before);
+      for (int64_t q = begin; q < end; ++q) packed[q] = inside[q - begin];
       for (int64_t q = end; q < width; ++q) packed[q] = column_source[q] < 0 ? T(0) : row[column_source[q]];
     }
   }
@@ -591,7 +600,8 @@ void direct_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
       }
       T* sample = gx + n * g.channels * input_plane;
       std::fill(sample, sample + g.channels * input_plane, T(0));
-      for (int64_t r = row_begin; r < row_end; ++r) {
+      // (No interior column: nothing to copy, and no pointer to form.)
+      for (int64_t r = row_begin; column_begin < column_end && r < row_end; ++r) {
         for (int64_t grp = 0; grp < groups; ++grp) {
           transpose(packed.get() + (r * width + column_begin) * position + grp * in_padded,
                     position, column_end - column_begin, in_per_group,
@@ -700,6 +710,7 @@ bool direct_grad_weight_applies(at::ScalarType, const ConvGeometry&, int64_t, in
 at::Tensor direct_grad_weight_cpu(const at::Tensor&, const at::Tensor&, const ConvGeometry&,
                                   int64_t, int64_t) {
   TORCH_CHECK(false, "padded_conv2d_grad_weight: the direct CPU kernel needs AVX-512");
+  return at::Tensor();
 }
 
 bool direct_grad_input_applies(at::ScalarType, const ConvGeometry&, int64_t, int64_t) {
