@@ -7,7 +7,7 @@
 // weight laid out as (C_in, KH*KW, C_out) rows.
 //
 // Why: Net1's strided layers have small planes (18x18 down to 6x6) and 32-64
-// channels. The column matrix of such a layer is 2-3x its input, written in
+// channels. The column matrix of such a layer is 2.5-3.2x its input, written in
 // fragments of 6-18 values; im2col took as long as the GEMM itself (perf, Net1
 // conv4). Here the packed block is about the input's size, written in whole
 // rows, and the micro-kernel reads it by broadcasts.
