@@ -630,18 +630,24 @@ void direct_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
 
 }  // namespace
 
-bool direct_forward_applies(at::ScalarType dtype, const ConvGeometry& g, int64_t groups,
-                            int64_t out_channels) {
+bool direct_grad_weight_applies(at::ScalarType dtype, const ConvGeometry& g, int64_t groups,
+                                int64_t out_channels) {
   if (!cpu_has_avx512f() || (dtype != at::kFloat && dtype != at::kDouble)) return false;
   if (g.w.stride > 2 || g.out_plane() == 0) return false;
-  // Enough terms per output to amortise a tile's set-up and store (Net1's
-  // first layer, 3 channels x 9 taps, runs faster as one GEMM).
-  if ((g.channels / groups) * g.h.kernel * g.w.kernel < kMinDirectTerms) return false;
   // Enough output channels per group to fill most lanes of a vector.
   if (out_channels / groups < (dtype == at::kFloat ? 16 : 8)) return false;
   // Tap offsets within a packed channel are 32-bit.
   const int64_t width = packed_rows_for(g.w, g.w.out_size);
   return packed_rows_for(g.h, 1) * width < std::numeric_limits<int32_t>::max();
+}
+
+bool direct_forward_applies(at::ScalarType dtype, const ConvGeometry& g, int64_t groups,
+                            int64_t out_channels) {
+  // As the weight gradient's, and enough terms per output to amortise a
+  // tile's set-up and store (Net1's first layer, 3 channels x 9 taps, runs
+  // faster as one GEMM).
+  return direct_grad_weight_applies(dtype, g, groups, out_channels) &&
+         (g.channels / groups) * g.h.kernel * g.w.kernel >= kMinDirectTerms;
 }
 
 void direct_forward_cpu(const at::Tensor& input, const at::Tensor& weight, const ConvGeometry& g,
@@ -651,15 +657,6 @@ void direct_forward_cpu(const at::Tensor& input, const at::Tensor& weight, const
   } else {
     direct_forward<double>(input, weight, g, groups, out);
   }
-}
-
-bool direct_grad_weight_applies(at::ScalarType dtype, const ConvGeometry& g, int64_t groups,
-                                int64_t out_channels) {
-  if (!cpu_has_avx512f() || (dtype != at::kFloat && dtype != at::kDouble)) return false;
-  if (g.w.stride > 2 || g.out_plane() == 0) return false;
-  if (out_channels / groups < (dtype == at::kFloat ? 16 : 8)) return false;
-  const int64_t width = packed_rows_for(g.w, g.w.out_size);
-  return packed_rows_for(g.h, 1) * width < std::numeric_limits<int32_t>::max();
 }
 
 at::Tensor direct_grad_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input,
