@@ -46,11 +46,6 @@ void gather_plane(const T* src, const int32_t* index, T* dst, int64_t n) {
 }
 
 #if PYATTN_AVX512_PERMUTE
-bool cpu_has_avx512f() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
-
 // One column row of im2col for input rows of at most two vectors (32 floats,
 // 16 doubles) and output rows of at most one (16 / 8): per output row, its
 // input row loaded whole (masked loads), the tap's source columns picked by
@@ -108,7 +103,7 @@ __attribute__((target("avx512f"))) void im2col_plane_permute(const double* src, 
 template <typename T>
 std::vector<int32_t> permute_columns(const ConvGeometry& g, const std::vector<int64_t>& columns) {
   constexpr int64_t lanes = 64 / sizeof(T);
-  if (!cpu_has_avx512f() || g.w.stride == 1 || g.w.size > 2 * lanes ||
+  if (!cpu::cpu_has_avx512f() || g.w.stride == 1 || g.w.size > 2 * lanes ||
       g.w.out_size > lanes) {
     return {};
   }

@@ -23,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "pyattn/cpu_vector.h"
 #include "pyattn/padded_conv_direct.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -230,11 +231,6 @@ GradTileKernel grad_kernel(int vectors, int taps) {
     case 3: return grad_kernel_for_taps<T, 3, S>(taps);
     default: return grad_kernel_for_taps<T, 4, S>(taps);
   }
-}
-
-bool cpu_has_avx512f() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
 }
 
 // Everything a work item needs, fixed per call (shapes only).
@@ -632,7 +628,7 @@ void direct_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
 
 bool direct_grad_weight_applies(at::ScalarType dtype, const ConvGeometry& g, int64_t groups,
                                 int64_t out_channels) {
-  if (!cpu_has_avx512f() || (dtype != at::kFloat && dtype != at::kDouble)) return false;
+  if (!cpu::cpu_has_avx512f() || (dtype != at::kFloat && dtype != at::kDouble)) return false;
   if (g.w.stride > 2 || g.out_plane() == 0) return false;
   // Enough output channels per group to fill most lanes of a vector.
   if (out_channels / groups < (dtype == at::kFloat ? 16 : 8)) return false;
@@ -670,7 +666,7 @@ at::Tensor direct_grad_weight_cpu(const at::Tensor& grad_output, const at::Tenso
 
 bool direct_grad_input_applies(at::ScalarType dtype, const ConvGeometry& g, int64_t groups,
                                int64_t out_channels) {
-  if (!cpu_has_avx512f() || (dtype != at::kFloat && dtype != at::kDouble)) return false;
+  if (!cpu::cpu_has_avx512f() || (dtype != at::kFloat && dtype != at::kDouble)) return false;
   if (g.out_plane() == 0) return false;
   const int64_t lanes = dtype == at::kFloat ? 16 : 8;
   const int64_t in_per_group = g.channels / groups;

@@ -8,6 +8,7 @@
 #include <limits>
 
 #include "pyattn/cpu_vector.h"
+#include "pyattn/softmax_avx512.h"
 
 extern "C" {
 // Fortran BLAS, LP64 (32-bit int) interface, column-major.
@@ -47,9 +48,10 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T 
   blas_gemm(&ta, &tb, &mm, &nn, &kk, &alpha, b, &la, a, &lb, &beta, c, &lc);
 }
 
-// exp(x) for float with relative error below 2 ulp on [-87, 88], 0 below: range
-// reduction x = n ln2 + r, |r| <= ln2 / 2, and a degree-6 polynomial, written
-// without calls or branches so that loops over it vectorise.
+// exp(x) for float within 2.74 ulp on [-87, 88] (every float checked against
+// double exp), 0 below: range reduction x = n ln2 + r, |r| <= ln2 / 2, and a
+// degree-6 polynomial, written without calls or branches so that loops over it
+// vectorise.
 inline float exp_approx(float x) {
   const float clamped = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
@@ -72,19 +74,30 @@ inline float exp_of(float x) { return exp_approx(x); }
 inline double exp_of(double x) { return std::exp(x); }
 
 // Row loops of the softmax, built for AVX-512, AVX2 and baseline x86-64 and
-// picked at load time (PYATTN_X86_CLONES, pyattn/cpu_vector.h).
+// picked at load time (PYATTN_X86_CLONES, pyattn/cpu_vector.h); the two float
+// loops with an exp and the float max run pyattn/softmax_avx512.h's intrinsics
+// where AVX-512F is.
 
 // max(s[0..n)), -inf for n = 0.
 template <typename T>
-PYATTN_X86_CLONES inline T row_max(const T* s, int64_t n) {
+PYATTN_X86_CLONES inline T row_max_portable(const T* s, int64_t n) {
   T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t c = 0; c < n; ++c) m = s[c] > m ? s[c] : m;
   return m;
 }
 
+inline float row_max(const float* s, int64_t n) {
+#if PYATTN_SOFTMAX_AVX512
+  if (cpu_has_avx512f()) return avx512::row_max(s, n);
+#endif
+  return row_max_portable(s, n);
+}
+
+inline double row_max(const double* s, int64_t n) { return row_max_portable(s, n); }
+
 // s[c] = exp(s[c] - shift) for c < n; returns the sum.
-PYATTN_X86_CLONES inline float exp_shifted_sum(float* s, int64_t n, float shift) {
+PYATTN_X86_CLONES inline float exp_shifted_sum_portable(float* s, int64_t n, float shift) {
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t c = 0; c < n; ++c) {
@@ -92,6 +105,13 @@ PYATTN_X86_CLONES inline float exp_shifted_sum(float* s, int64_t n, float shift)
     sum += s[c];
   }
   return sum;
+}
+
+inline float exp_shifted_sum(float* s, int64_t n, float shift) {
+#if PYATTN_SOFTMAX_AVX512
+  if (cpu_has_avx512f()) return avx512::exp_shifted_sum(s, n, shift);
+#endif
+  return exp_shifted_sum_portable(s, n, shift);
 }
 
 inline double exp_shifted_sum(double* s, int64_t n, double shift) {
@@ -125,13 +145,21 @@ inline bool has_nan(const T* s, int64_t n) {
 }
 
 // p[c] = exp(s[c] - lse); s[c] = p[c] * (dp[c] - delta) for c < n.
-PYATTN_X86_CLONES inline void softmax_grad_row(float* s, float* p, const float* dp, int64_t n,
-                                               float lse, float delta) {
+PYATTN_X86_CLONES inline void softmax_grad_row_portable(float* s, float* p, const float* dp,
+                                                        int64_t n, float lse, float delta) {
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) {
     p[c] = exp_approx(s[c] - lse);
     s[c] = p[c] * (dp[c] - delta);
   }
+}
+
+inline void softmax_grad_row(float* s, float* p, const float* dp, int64_t n, float lse,
+                             float delta) {
+#if PYATTN_SOFTMAX_AVX512
+  if (cpu_has_avx512f()) return avx512::softmax_grad_row(s, p, dp, n, lse, delta);
+#endif
+  softmax_grad_row_portable(s, p, dp, n, lse, delta);
 }
 
 inline void softmax_grad_row(double* s, double* p, const double* dp, int64_t n, double lse,

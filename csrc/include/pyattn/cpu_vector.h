@@ -14,6 +14,16 @@
 
 namespace pyattn::cpu {
 
+// Whether the running CPU has AVX-512F (for kernels written in its intrinsics).
+inline bool cpu_has_avx512f() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+#else
+  return false;
+#endif
+}
+
 template <typename T>
 struct LaneVector;
 template <>
