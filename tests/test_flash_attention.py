@@ -134,7 +134,7 @@ def test_cpp_float32_error_within_2x_of_sdpa_long(causal, dim):
 @pytest.mark.parametrize("causal", [False, True])
 def test_cpp_backward_both_schedules(batch, heads, kv_heads, causal):
     # batch * kv_heads < 8: two passes over finer tasks; >= 8: one fused pass.
-    # 150 x 300: 2 x 3 backward tiles (128 x 128), 2 x 2 forward (128 x 256).
+    # 150 x 300: 2 x 3 backward tiles (128 x 128), 2 x 1 forward (128 x 512).
     q, k, v = _inputs(batch, heads, kv_heads, 150, 300, 32, torch.float64)
     _check_against_reference(q, k, v, causal, "cpp")
 
@@ -380,13 +380,14 @@ def _check_against_visible_only(q, k, v, causal, grad=None):
                                    msg=lambda m: f"{name}: {m}")
 
 
-# (tensor, position along seq, value) at seq 300, which spans 3 x 2 forward tiles
-# (128 queries x 256 keys) and 3 x 3 backward tiles (128 x 128): the masked
+# (tensor, position along seq, value) at seq 600, which spans 5 x 2 forward tiles
+# (128 queries x 512 keys) and 5 x 5 backward tiles (128 x 128): the masked
 # positions sit in tiles that straddle the causal diagonal, and the tiles of
 # later keys are skipped for earlier queries.
-SEQ = 300
+SEQ = 600
 POISON = [("v", 266, "nan"), ("v", 30, "inf"), ("k", 140, "nan"), ("k", 266, "-inf"),
-          ("q", 10, "nan"), ("q", 265, "inf"), ("v", 0, "nan"), ("k", 299, "inf")]
+          ("q", 10, "nan"), ("q", 265, "inf"), ("v", 0, "nan"), ("k", 299, "inf"),
+          ("k", 560, "nan"), ("v", 590, "inf")]
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -398,18 +399,19 @@ def test_cpp_nan_inf_match_visible_only_reference(name, pos, value, causal):
     _check_against_visible_only(tensors["q"], tensors["k"], tensors["v"], causal)
 
 
-# 150 queries x 300 keys: the causal diagonal is offset by 150, so tiles hold
-# rows that see no key of the tile (forward: queries 0-105 in keys 256-299;
-# backward: queries 0-105 in keys 128-255 and 256-299) next to rows that see
-# some; a NaN / Inf there must stay out of those rows.
-RECTANGULAR_POISON = [("v", 260, "nan"), ("k", 270, "inf"), ("v", 200, "-inf"), ("k", 160, "nan")]
+# 300 queries x 700 keys: the causal diagonal is offset by 400, so tiles hold
+# rows that see no key of the tile (forward: queries 0-111 in keys 512-699;
+# backward: queries 0-111 in keys 512-639, 128-239 in keys 640-699) next to
+# rows that see some; a NaN / Inf there must stay out of those rows.
+RECTANGULAR_POISON = [("v", 520, "nan"), ("k", 530, "inf"), ("v", 450, "-inf"), ("k", 640, "nan"),
+                      ("v", 690, "nan")]
 
 
 @pytest.mark.parametrize("name, pos, value", RECTANGULAR_POISON,
                          ids=[f"{n}{p}{v}" for n, p, v in RECTANGULAR_POISON])
 def test_cpp_nan_inf_in_tiles_with_fully_masked_rows(name, pos, value):
     dtype = (torch.float64, torch.float32)[RECTANGULAR_POISON.index((name, pos, value)) % 2]
-    tensors = dict(zip("qkv", _inputs(1, 2, 1, 150, 300, 16, dtype)))
+    tensors = dict(zip("qkv", _inputs(1, 2, 1, 300, 700, 16, dtype)))
     tensors[name][:, :, pos, 3] = float(value)
     _check_against_visible_only(tensors["q"], tensors["k"], tensors["v"], True)
 

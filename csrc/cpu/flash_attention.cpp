@@ -46,10 +46,13 @@ namespace {
 // Tiles of queries x keys. Each tile is a few BLAS calls, whose packing and
 // set-up 64 x 64 tiles did not amortise: the forward without a causal mask ran
 // at 0.72-0.81x of SDPA's flash kernel with them, 0.87-0.98x at 128 x 256 (2
-// cores, seq 256-4096, head_dim 64 / 128, same process). The backward keeps
-// three tiles of scratch per thread, so its tiles are smaller. Fixed, so
-// results do not depend on the thread count.
-constexpr int64_t kForwardBlockQ = 128, kForwardBlockK = 256;
+// cores, seq 256-4096, head_dim 64 / 128, same process). 128 x 512 then took
+// 0.91-0.96x the time of 128 x 256 at seq 1024 / 4096 in five of six cases
+// (interleaved calls; d 128 non-causal at seq 1024: 1.05x); its scores tile
+// (256 KiB) still sits in L2. The backward keeps three tiles of scratch per
+// thread, so its tiles are smaller. Fixed, so results do not depend on the
+// thread count.
+constexpr int64_t kForwardBlockQ = 128, kForwardBlockK = 512;
 constexpr int64_t kBackwardBlockQ = 128, kBackwardBlockK = 128;
 // A forward of at most kDecodeRows queries (decoding against a KV cache) is two
 // matrix-vector products per tile, whose BLAS calls are short: tiles of
