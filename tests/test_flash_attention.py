@@ -141,12 +141,12 @@ def test_cpp_backward_both_schedules(batch, heads, kv_heads, causal):
 
 @pytest.mark.parametrize("dim", [8, 16, 32, 48, 64, 80, 96, 128, 256])
 def test_cpp_head_dims(dim):
-    q, k, v = _inputs(2, 4, 2, 37, 300, dim, torch.float64)  # several key tiles
+    q, k, v = _inputs(2, 4, 2, 37, 700, dim, torch.float64)  # several key tiles
     _check_against_reference(q, k, v, True, "cpp")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("seq_q, seq_k", [(1, 300), (1, 4500), (8, 2300), (9, 300), (129, 300)])
+@pytest.mark.parametrize("seq_q, seq_k", [(1, 300), (1, 4500), (8, 2300), (9, 700), (129, 700)])
 def test_cpp_single_query_tiles(dtype, seq_q, seq_k):
     """Few-query tiles: decode (up to 8 queries take tiles of 2048 keys: one,
     three, two of them here), 9 queries (the usual tiles), and the last tile of
@@ -558,9 +558,9 @@ def test_reference_philox_known_answers():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dropout_p", [0.1, 0.5, 0.9])
 def test_cpp_dropout_against_reference_mask(dropout_p, causal):
-    # 300 keys: two forward key tiles (256 wide), three backward ones (128), so
+    # 700 keys: two forward key tiles (512 wide), six backward ones (128), so
     # the mask of a tile that starts after key 0 is checked too
-    q, k, v = _inputs(2, 4, 2, 77, 300, 32, torch.float64)
+    q, k, v = _inputs(2, 4, 2, 77, 700, 32, torch.float64)
     grad = torch.randn(q.shape, dtype=torch.float64)
     seed = 987654321987
     op = lambda q, k, v, causal: torch.ops.pyattn.flash_attention_forward(

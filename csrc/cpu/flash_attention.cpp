@@ -48,9 +48,9 @@ namespace {
 // at 0.72-0.81x of SDPA's flash kernel with them, 0.87-0.98x at 128 x 256 (2
 // cores, seq 256-4096, head_dim 64 / 128, same process). 128 x 512 then took
 // 0.91-0.96x the time of 128 x 256 at seq 1024 / 4096 in five of six cases
-// (interleaved calls; d 128 non-causal at seq 1024: 1.05x); its scores tile
-// (256 KiB) still sits in L2. The backward keeps three tiles of scratch per
-// thread, so its tiles are smaller. Fixed, so results do not depend on the
+// (interleaved calls; d 128 non-causal at seq 1024: 1.05x); its float scores
+// tile (256 KiB) still sits in L2. The backward keeps three tiles of scratch
+// and its key tile's K and V transposed per thread, so its tiles are smaller. Fixed, so results do not depend on the
 // thread count.
 constexpr int64_t kForwardBlockQ = 128, kForwardBlockK = 512;
 constexpr int64_t kBackwardBlockQ = 128, kBackwardBlockK = 128;

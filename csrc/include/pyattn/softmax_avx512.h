@@ -9,13 +9,14 @@
 // and min clamp without masks and keep NaN), and four vectors go through each
 // step together.
 //
-// exp here is exp_approx's reduction and polynomial (so the same 2.74 ulp
-// bound on [-87, 88]), with 2^n made from the rounding sum's bits instead of a
+// exp here is exp_approx's reduction and polynomial with fused multiply-adds
+// (so the 2.74 ulp bound on [-87, 88] of exp_approx's AVX-512 clone), with 2^n made from the rounding sum's bits instead of a
 // float-to-int conversion; it is 0 at and below -87.7 (exp_approx: below -87).
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 #define PYATTN_SOFTMAX_AVX512 1
 
