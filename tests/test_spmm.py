@@ -279,6 +279,52 @@ def test_csr_transpose_equals_the_stable_sort(index_dtype, rows, cols, density):
             assert a.dtype == b.dtype and torch.equal(a, b), name
 
 
+def hub_csr(rows, cols, edges, seed, index_dtype=torch.int64):
+    """A CSR whose columns follow a power law (column 0 the biggest hub), with
+    duplicate edges, as in the spmm benchmarks' graphs."""
+    gen = torch.Generator().manual_seed(seed)
+    ranks = torch.arange(1, cols + 1, dtype=torch.float64)
+    col = torch.multinomial(ranks ** -0.8, edges, replacement=True, generator=gen)
+    counts = torch.bincount(torch.randint(rows, (edges,), generator=gen), minlength=rows)
+    rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return rowptr.to(index_dtype), col.to(index_dtype)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("cols", [1, 5, 4097, 70001])
+def test_csr_transpose_in_several_chunks_and_buckets_is_the_stable_sort(index_dtype, cols):
+    """300k edges: several row chunks in the first pass, buckets of several
+    columns (one hub bucket holding a large share of the edges) in the second;
+    1 and 2 threads give the stable sort exactly."""
+    rowptr, col = hub_csr(997, cols, 300_001, seed=cols, index_dtype=index_dtype)
+    expected = reference.csr_transpose(rowptr, col, cols + 2)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            ours = csr_transpose(rowptr, col, cols + 2)
+            for name, a, b in zip(("csc_ptr", "csc_row", "csc_perm"), ours, expected):
+                assert a.dtype == b.dtype and torch.equal(a, b), (name, n)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_csr_transpose_reports_the_first_bad_column_whatever_the_chunk():
+    """Bad columns in two row chunks: the error names the earlier one."""
+    rowptr, col = hub_csr(50, 1000, 200_000, seed=3)
+    col[150_000], col[190_000] = 1000, -4
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(ValueError, match=r"got 1000 at position 150000"):
+            csr_transpose(rowptr, col, 1000)
+        col[100_000] = -7
+        with pytest.raises(ValueError, match=r"got -7 at position 100000"):
+            csr_transpose(rowptr, col, 1000)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_csr_transpose_opcheck():
     rowptr, col = random_csr(11, 8, 0.3, seed=5)
     torch.library.opcheck(torch.ops.pyattn.csr_transpose, (rowptr, col, 8))

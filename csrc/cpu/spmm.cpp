@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -308,29 +309,121 @@ std::tuple<at::Tensor, at::Tensor> spmm_csr_max_backward_cpu(
   return {grad_x, grad_values};
 }
 
-// Stable counting sort of the edges by column: count, prefix-sum, then place
-// each edge, rows in order, at its column's next free slot. Serial: O(E + rows
-// + num_cols), a few milliseconds per million edges, and it checks every index
-// before using it.
+// The transposed CSR: a stable sort of the edges by column, done as a
+// counting sort in two passes over cache-sized key ranges. A single counting
+// pass places each edge at its column's next free slot, num_cols write
+// streams at once: at 1e6 columns they span far more than the caches, and
+// nearly every store misses. Here the first pass partitions the edges by the
+// high bits of their column (buckets of 2^shift consecutive columns, about
+// sqrt(num_cols) buckets), the second counting-sorts each bucket by the low
+// bits: each pass writes to about sqrt(num_cols) streams. Both passes keep
+// the edges' order within a key, so the result is the stable sort whatever
+// the thread count.
+int transpose_bucket_shift(int64_t num_cols) {
+  int bits = 0;  // ceil(log2(num_cols))
+  while (bits < 63 && (int64_t{1} << bits) < num_cols) ++bits;
+  return std::min(16, (bits + 1) / 2);
+}
+
 template <typename I>
 void transpose_kernel(const I* rowptr, const I* col, int64_t rows, int64_t edges,
                       int64_t num_cols, I* csc_ptr, I* csc_row, int64_t* csc_perm) {
-  std::fill(csc_ptr, csc_ptr + num_cols + 1, I(0));
-  for (int64_t e = 0; e < edges; ++e) {
-    const int64_t c = col[e];
-    TORCH_CHECK_VALUE(c >= 0 && c < num_cols, "csr_transpose: every `col` entry must be in [0, ",
-                      "num_cols = ", num_cols, "), got ", c, " at position ", e);
-    ++csc_ptr[c + 1];
+  constexpr const char* op = "csr_transpose";
+  const int shift = transpose_bucket_shift(num_cols);
+  const int64_t width = int64_t{1} << shift, mask = width - 1;
+  const int64_t buckets = num_cols > 0 ? ((num_cols - 1) >> shift) + 1 : 1;
+  // Between the passes csc_perm holds (edge << shift) | (column's low bits).
+  TORCH_CHECK_VALUE(edges <= (std::numeric_limits<int64_t>::max() >> shift), op,
+                    ": more edges than 64-bit positions can pack (", edges, ")");
+
+  // Pass 1 runs over chunks of whole rows with about equal numbers of edges.
+  const int64_t chunks = std::clamp<int64_t>(edges / 65536, 1, at::get_num_threads());
+  std::vector<int64_t> chunk_row(chunks + 1, rows);
+  for (int64_t t = 0; t < chunks; ++t) {
+    const int64_t target = edges * t / chunks;
+    chunk_row[t] = std::lower_bound(rowptr, rowptr + rows, target,
+                                    [](I p, int64_t v) { return static_cast<int64_t>(p) < v; }) - rowptr;
   }
-  for (int64_t c = 0; c < num_cols; ++c) csc_ptr[c + 1] += csc_ptr[c];
-  std::vector<int64_t> next(csc_ptr, csc_ptr + num_cols);
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e) {
-      const int64_t k = next[col[e]]++;
-      csc_row[k] = static_cast<I>(i);
-      csc_perm[k] = e;
+  // Each chunk counts its edges per bucket and records its first bad column.
+  std::vector<int64_t> slot(chunks * buckets, 0), bad(chunks, -1);
+  at::parallel_for(0, chunks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t* count = slot.data() + t * buckets;
+      for (int64_t e = rowptr[chunk_row[t]]; e < rowptr[chunk_row[t + 1]]; ++e) {
+        const int64_t c = col[e];
+        if (c < 0 || c >= num_cols) { bad[t] = e; break; }
+        ++count[c >> shift];
+      }
+    }
+  });
+  for (int64_t t = 0; t < chunks; ++t) {  // chunks run in edge order: the first is the earliest
+    TORCH_CHECK_VALUE(bad[t] < 0, op, ": every `col` entry must be in [0, num_cols = ", num_cols,
+                      "), got ", static_cast<int64_t>(col[bad[t]]), " at position ", bad[t]);
+  }
+  // Bucket b's edges go to [bucket_start[b], bucket_start[b + 1]), chunk by chunk.
+  std::vector<int64_t> bucket_start(buckets + 1);
+  int64_t placed = 0;
+  for (int64_t b = 0; b < buckets; ++b) {
+    bucket_start[b] = placed;
+    for (int64_t t = 0; t < chunks; ++t) {
+      const int64_t n = slot[t * buckets + b];
+      slot[t * buckets + b] = placed;
+      placed += n;
     }
   }
+  bucket_start[buckets] = placed;
+  at::parallel_for(0, chunks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t* next = slot.data() + t * buckets;
+      for (int64_t i = chunk_row[t]; i < chunk_row[t + 1]; ++i) {
+        for (int64_t e = rowptr[i]; e < rowptr[i + 1]; ++e) {
+          const int64_t c = col[e];
+          const int64_t k = next[c >> shift]++;
+          csc_row[k] = static_cast<I>(i);
+          csc_perm[k] = (e << shift) | (c & mask);
+        }
+      }
+    }
+  });
+
+  // Pass 2: buckets in tasks of about equal cost (edges plus columns).
+  const int64_t tasks = std::clamp<int64_t>((edges + num_cols) / 65536, 1,
+                                            std::min<int64_t>(buckets, 4 * at::get_num_threads()));
+  const auto first_bucket = [&](int64_t task) {
+    if (task >= tasks) return buckets;
+    const int64_t target = (edges + num_cols) * task / tasks;
+    int64_t lo = 0, hi = buckets;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (bucket_start[mid] + mid * width < target) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  };
+  at::parallel_for(0, tasks, 1, [&](int64_t task0, int64_t task1) {
+    std::vector<int64_t> next(width), packed;
+    std::vector<I> row;
+    for (int64_t b = first_bucket(task0); b < first_bucket(task1); ++b) {
+      const int64_t lo = bucket_start[b], n = bucket_start[b + 1] - lo;
+      const int64_t c0 = b << shift, columns = std::min(width, num_cols - c0);
+      packed.assign(csc_perm + lo, csc_perm + lo + n);
+      row.assign(csc_row + lo, csc_row + lo + n);
+      std::fill(next.begin(), next.begin() + columns, 0);
+      for (int64_t k = 0; k < n; ++k) ++next[packed[k] & mask];
+      int64_t at_column = lo;
+      for (int64_t j = 0; j < columns; ++j) {
+        csc_ptr[c0 + j] = static_cast<I>(at_column);
+        const int64_t count = next[j];
+        next[j] = at_column;
+        at_column += count;
+      }
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t d = next[packed[k] & mask]++;
+        csc_row[d] = row[k];
+        csc_perm[d] = packed[k] >> shift;
+      }
+    }
+  });
+  csc_ptr[num_cols] = static_cast<I>(edges);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_transpose_cpu(const at::Tensor& rowptr_in,
