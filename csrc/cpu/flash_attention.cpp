@@ -39,6 +39,7 @@
 #include "pyattn/cpu_math.h"
 #include "pyattn/philox.h"
 #include "pyattn/sequential_blas.h"
+#include "pyattn/tile_transpose.h"
 
 namespace pyattn {
 namespace {
@@ -50,7 +51,7 @@ namespace {
 // 0.91-0.96x the time of 128 x 256 at seq 1024 / 4096 in five of six cases
 // (interleaved calls; d 128 non-causal at seq 1024: 1.05x); its float scores
 // tile (256 KiB) still sits in L2. The backward keeps three tiles of scratch
-// and its key tile's K and V transposed per thread, so its tiles are smaller. Fixed, so results do not depend on the
+// per thread, so its tiles are smaller. Fixed, so results do not depend on the
 // thread count.
 constexpr int64_t kForwardBlockQ = 128, kForwardBlockK = 512;
 constexpr int64_t kBackwardBlockQ = 128, kBackwardBlockK = 128;
@@ -231,6 +232,40 @@ PYATTN_X86_CLONES void dropout_row(const Problem& p, int64_t bh, int64_t i, int6
   for (int64_t c = 0; c < n; ++c) keep[c] = draws[c] >= p.keep_threshold ? kept : Acc(0);
 }
 
+// K or V of every (batch, kv head) transposed key tile by key tile, for the
+// backward: the tile [j0, j0 + block_k) of (b, kvh) is a dim x block_k block
+// (row stride block_k) at key_tile(tiles, p, b, kvh, j0). With them S = Q K^T
+// and dP = dO V^T are products of row-major operands, which MKL's sgemm ran
+// 1.4-2.1x as fast as the same products against K and V themselves (128 x 128
+// tiles, head_dim 64 / 128, one thread). Done once before the passes (the
+// two-pass schedule's dq pass would otherwise transpose every key tile again
+// for each query tile); O(seq_k * dim) memory, as K. (The forward keeps MKL's
+// transposed-operand product: there a transposed K took as long as MKL's own
+// packing it replaced, 0.94-1.04x the time at seq 1024 / 2048.)
+template <typename T>
+at::Tensor transposed_key_tiles(const at::Tensor& x_t, const Problem& p) {
+  const Rows<T> x = rows_of<T>(x_t);
+  const int64_t k_tiles = (p.seq_k + p.block_k - 1) / p.block_k, tile_size = p.dim * p.block_k;
+  at::Tensor tiles = at::empty({p.batch * p.kv_heads * k_tiles * tile_size}, x_t.options());
+  T* data = tiles.mutable_data_ptr<T>();
+  at::parallel_for(0, p.batch * p.kv_heads * k_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bkv = task / k_tiles, j0 = task % k_tiles * p.block_k;
+      cpu::transpose_rows(x.at(bkv / p.kv_heads, bkv % p.kv_heads, j0), x.row_stride,
+                          std::min(p.block_k, p.seq_k - j0), p.dim, data + task * tile_size,
+                          p.block_k);
+    }
+  });
+  return tiles;
+}
+
+template <typename T>
+const T* key_tile(const at::Tensor& tiles, const Problem& p, int64_t b, int64_t kvh, int64_t j0) {
+  const int64_t k_tiles = (p.seq_k + p.block_k - 1) / p.block_k;
+  return tiles.const_data_ptr<T>() + ((b * p.kv_heads + kvh) * k_tiles + j0 / p.block_k) *
+                                         p.dim * p.block_k;
+}
+
 template <typename T>
 void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tensor& v_t,
                     const at::Tensor& out_t, const at::Tensor& lse_t, const Problem& p) {
@@ -328,31 +363,14 @@ void softmax_grad_tile(const Problem& p, int64_t bh, int64_t i0, int64_t rows, i
   }
 }
 
-// One thread's tiles in the backward, and its key tile's K and V transposed
-// (head_dim x block_k).
+// One thread's tiles in the backward.
 template <typename Acc>
 struct TileScratch {
   explicit TileScratch(const Problem& p)
       : s(p.block_q * p.block_k), prob(p.block_q * p.block_k), dp(p.block_q * p.block_k),
-        keep(p.block_k), kt(p.dim * p.block_k), vt(p.dim * p.block_k) {}
-  std::vector<Acc> s, prob, dp, keep, kt, vt;
+        keep(p.block_k) {}
+  std::vector<Acc> s, prob, dp, keep;
 };
-
-// dst (dim x rows, row stride ld) = the transpose of src (rows x dim, row stride
-// src_stride), in 16 x 16 blocks (each block's reads and writes stay in cache lines).
-template <typename T>
-void transpose_rows(const T* src, int64_t src_stride, int64_t rows, int64_t dim, T* dst,
-                    int64_t ld) {
-  constexpr int64_t kBlock = 16;
-  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
-    for (int64_t c0 = 0; c0 < dim; c0 += kBlock) {
-      const int64_t r1 = std::min(r0 + kBlock, rows), c1 = std::min(c0 + kBlock, dim);
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t c = c0; c < c1; ++c) dst[c * ld + r] = src[r * src_stride + c];
-      }
-    }
-  }
-}
 
 template <typename T>
 void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::Tensor& k_t,
@@ -361,7 +379,7 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
                      const Problem& p) {
   using Acc = at::opmath_type<T>;
   static_assert(std::is_same_v<Acc, T>, "the CPU kernels accumulate in their own dtype");
-  const Rows<T> q = rows_of<T>(q_t), k = rows_of<T>(k_t), v = rows_of<T>(v_t);
+  const Rows<T> q = rows_of<T>(q_t), k = rows_of<T>(k_t);
   const Rows<T> go = rows_of<T>(grad_t), out = rows_of<T>(out_t);
   const Rows<T> dq = rows_of<T>(dq_t), dk = rows_of<T>(dk_t), dv = rows_of<T>(dv_t);
   const Acc* lse = lse_t.const_data_ptr<Acc>();
@@ -387,24 +405,18 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
     return std::make_pair(lse + offset, delta.data() + offset);
   };
 
-  // The key tile [j0, j0 + cols) of K and V transposed into t.kt, t.vt. With
-  // them S = Q K^T and dP = dO V^T are products of row-major operands, which
-  // MKL's sgemm ran 1.4-2.1x as fast as the same products against K and V
-  // themselves (128 x 128 tiles, head_dim 64 / 128, one thread).
-  auto transpose_key_tile = [&](int64_t b, int64_t kvh, int64_t j0, int64_t cols,
-                                TileScratch<Acc>& t) {
-    transpose_rows(k.at(b, kvh, j0), k.row_stride, cols, d, t.kt.data(), p.block_k);
-    transpose_rows(v.at(b, kvh, j0), v.row_stride, cols, d, t.vt.data(), p.block_k);
-  };
-  // P and dS of one (query tile, key tile) pair, the key tile transposed in t:
-  // t.s <- dS, t.prob <- P, t.dp and t.keep scratch.
+  // K and V transposed, for S = Q K^T and dP = dO V^T.
+  const at::Tensor kt = transposed_key_tiles<T>(k_t, p), vt = transposed_key_tiles<T>(v_t, p);
+  // P and dS of one (query tile, key tile) pair: t.s <- dS, t.prob <- P, t.dp
+  // and t.keep scratch.
   auto tile_grads = [&](int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
                         TileScratch<Acc>& t) {
     const auto [tile_lse, tile_delta] = row_stats(b, h, i0);
+    const int64_t kvh = h / group;
     cpu::gemm<Acc>(false, false, rows, cols, d, scale, q.at(b, h, i0), q.row_stride,
-                   t.kt.data(), p.block_k, Acc(0), t.s.data(), p.block_k);
+                   key_tile<T>(kt, p, b, kvh, j0), p.block_k, Acc(0), t.s.data(), p.block_k);
     cpu::gemm<Acc>(false, false, rows, cols, d, Acc(1), go.at(b, h, i0), go.row_stride,
-                   t.vt.data(), p.block_k, Acc(0), t.dp.data(), p.block_k);
+                   key_tile<T>(vt, p, b, kvh, j0), p.block_k, Acc(0), t.dp.data(), p.block_k);
     softmax_grad_tile<Acc>(p, b * p.heads + h, i0, rows, j0, cols, tile_lse, tile_delta,
                            t.s.data(), t.prob.data(), t.dp.data(), t.keep.data());
   };
@@ -446,7 +458,6 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
         zero_rows(dv.at(b, kvh, 0), p.seq_k, dv.row_stride);
         for (int64_t j0 = 0; j0 < p.seq_k; j0 += p.block_k) {
           const int64_t cols = std::min(p.block_k, p.seq_k - j0);
-          transpose_key_tile(b, kvh, j0, cols, t);
           for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
             for (int64_t i0 = first_query_tile(j0); i0 < p.seq_q; i0 += p.block_q) {
               const int64_t rows = std::min(p.block_q, p.seq_q - i0);
@@ -475,7 +486,6 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
       const int64_t key_end = tile_key_end(p, i0, rows);
       for (int64_t j0 = 0; j0 < key_end; j0 += p.block_k) {
         const int64_t cols = std::min(p.block_k, key_end - j0);
-        transpose_key_tile(b, kvh, j0, cols, t);
         tile_grads(b, h, i0, rows, j0, cols, t);
         add_dq(b, h, kvh, i0, rows, j0, cols, t.s.data());
       }
@@ -492,7 +502,6 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
       const int64_t j0 = tile * p.block_k, cols = std::min(p.block_k, p.seq_k - j0);
       zero_rows(dk.at(b, kvh, j0), cols, dk.row_stride);
       zero_rows(dv.at(b, kvh, j0), cols, dv.row_stride);
-      transpose_key_tile(b, kvh, j0, cols, t);
       for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
         for (int64_t i0 = first_query_tile(j0); i0 < p.seq_q; i0 += p.block_q) {
           const int64_t rows = std::min(p.block_q, p.seq_q - i0);

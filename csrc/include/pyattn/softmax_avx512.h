@@ -20,6 +20,15 @@
 
 #define PYATTN_SOFTMAX_AVX512 1
 
+// GCC 12's intrinsics pass `_mm512_undefined_ps()` (a self-initialised
+// variable) as the unused merge source, and -Wall then reports it as used
+// uninitialised wherever they inline (GCC bug 105593, fixed in GCC 13).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace pyattn::cpu::avx512 {
 
 #define PYATTN_AVX512_INLINE __attribute__((target("avx512f"), always_inline)) inline
@@ -133,6 +142,10 @@ __attribute__((target("avx512f"))) inline void softmax_grad_row(float* s, float*
 #undef PYATTN_AVX512_INLINE
 
 }  // namespace pyattn::cpu::avx512
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 #else
 #define PYATTN_SOFTMAX_AVX512 0
