@@ -140,11 +140,11 @@ def test_cpp_backward_both_schedules(batch, heads, kv_heads, causal):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("dim", [8, 16, 32, 48, 64, 80, 96, 128, 256])
+@pytest.mark.parametrize("dim", [8, 16, 32, 48, 64, 72, 80, 96, 128, 256])
 def test_cpp_head_dims(dim, dtype):
     """Several key tiles; in float32 the backward's K and V tiles are transposed
     in 16 x 16 register blocks where the CPU has AVX-512, and head_dims that are
-    not a multiple of 16 (8, 80) and the 700 - 640 = 60 keys of the last tile
+    not a multiple of 16 (8, 72) and the 700 - 640 = 60 keys of the last tile
     leave partial blocks."""
     q, k, v = _inputs(2, 4, 2, 37, 700, dim, dtype)
     _check_against_reference(q, k, v, True, "cpp")

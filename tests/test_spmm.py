@@ -293,14 +293,16 @@ def hub_csr(rows, cols, edges, seed, index_dtype=torch.int64):
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("cols", [1, 5, 4097, 70001])
 def test_csr_transpose_in_several_chunks_and_buckets_is_the_stable_sort(index_dtype, cols):
-    """300k edges: several row chunks in the first pass, buckets of several
-    columns (one hub bucket holding a large share of the edges) in the second;
-    1 and 2 threads give the stable sort exactly."""
+    """About 300k edges: several row chunks in the first pass (one per thread,
+    up to 5 here; a run of empty rows among them), buckets of several columns
+    (one hub bucket holding a large share of the edges) in the second; every
+    thread count gives the stable sort exactly."""
     rowptr, col = hub_csr(997, cols, 300_001, seed=cols, index_dtype=index_dtype)
+    rowptr[400:420] = rowptr[400]  # a run of empty rows, where a chunk may start
     expected = reference.csr_transpose(rowptr, col, cols + 2)
     threads = torch.get_num_threads()
     try:
-        for n in (1, 2):
+        for n in (1, 2, 5):
             torch.set_num_threads(n)
             ours = csr_transpose(rowptr, col, cols + 2)
             for name, a, b in zip(("csc_ptr", "csc_row", "csc_perm"), ours, expected):
@@ -323,6 +325,17 @@ def test_csr_transpose_reports_the_first_bad_column_whatever_the_chunk():
             csr_transpose(rowptr, col, 1000)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_csr_transpose_without_columns():
+    """num_cols = 0: an empty csc_ptr of one entry; any edge is out of range."""
+    for index_dtype in (torch.int64, torch.int32):
+        rowptr = torch.zeros(4, dtype=index_dtype)
+        csc_ptr, csc_row, csc_perm = csr_transpose(rowptr, rowptr[:0], 0)
+        assert csc_ptr.tolist() == [0] and csc_row.numel() == 0 and csc_perm.numel() == 0
+        with pytest.raises(ValueError, match=r"num_cols = 0\), got 0 at position 0"):
+            csr_transpose(torch.tensor([0, 1], dtype=index_dtype),
+                          torch.tensor([0], dtype=index_dtype), 0)
 
 
 def test_csr_transpose_opcheck():

@@ -239,7 +239,8 @@ PYATTN_X86_CLONES void dropout_row(const Problem& p, int64_t bh, int64_t i, int6
 // 1.4-2.1x as fast as the same products against K and V themselves (128 x 128
 // tiles, head_dim 64 / 128, one thread). Done once before the passes (the
 // two-pass schedule's dq pass would otherwise transpose every key tile again
-// for each query tile); O(seq_k * dim) memory, as K. (The forward keeps MKL's
+// for each query tile); as much memory as K with seq_k rounded up to a
+// multiple of block_k. (The forward keeps MKL's
 // transposed-operand product: there a transposed K took as long as MKL's own
 // packing it replaced, 0.94-1.04x the time at seq 1024 / 2048.)
 template <typename T>

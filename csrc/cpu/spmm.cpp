@@ -315,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor> spmm_csr_max_backward_cpu(
 // streams at once: at 1e6 columns they span far more than the caches, and
 // nearly every store misses. Here the first pass partitions the edges by the
 // high bits of their column (buckets of 2^shift consecutive columns, about
-// sqrt(num_cols) buckets), the second counting-sorts each bucket by the low
+// sqrt(num_cols) buckets up to 2^32 columns, then 2^16 columns each), the second counting-sorts each bucket by the low
 // bits: each pass writes to about sqrt(num_cols) streams. Both passes keep
 // the edges' order within a key, so the result is the stable sort whatever
 // the thread count.
@@ -442,9 +442,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_transpose_cpu(const at::Tenso
   TORCH_CHECK(col_in.device() == rowptr_in.device(), op,
               ": `col` must be on `rowptr`'s device (", rowptr_in.device(), "), got ",
               col_in.device());
-  TORCH_CHECK_VALUE(num_cols >= 0, op, ": `num_cols` must be >= 0, got ", num_cols);
+  TORCH_CHECK_VALUE(num_cols >= 0 && num_cols < std::numeric_limits<int64_t>::max(), op,
+                    ": `num_cols` must be >= 0 (and below 2^63 - 1), got ", num_cols);
   const at::Tensor rowptr = rowptr_in.contiguous(), col = col_in.contiguous();
   const int64_t rows = rowptr.size(0) - 1, edges = col.size(0);
+  TORCH_CHECK_VALUE(rowptr.scalar_type() == at::kLong || rows <= std::numeric_limits<int32_t>::max(),
+                    op, ": int32 indices hold at most 2^31 - 1 rows, got ", rows);
   at::Tensor csc_ptr = at::empty({num_cols + 1}, rowptr.options());
   at::Tensor csc_row = at::empty({edges}, rowptr.options());
   at::Tensor csc_perm = at::empty({edges}, rowptr.options().dtype(at::kLong));

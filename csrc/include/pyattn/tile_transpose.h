@@ -73,7 +73,7 @@ void transpose_rows(const T* src, int64_t src_stride, int64_t rows, int64_t dim,
 #if PYATTN_TRANSPOSE_AVX512
   const bool registers = std::is_same_v<T, float> && cpu_has_avx512f();
 #else
-  constexpr bool registers = false;
+  [[maybe_unused]] constexpr bool registers = false;
 #endif
   for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
     for (int64_t c0 = 0; c0 < dim; c0 += kBlock) {
