@@ -39,9 +39,9 @@ def csr_transpose(rowptr: torch.Tensor, col: torch.Tensor, num_cols: int):
     ``csc_ptr`` / ``csc_row`` keep the index dtype of ``rowptr`` (int32 or
     int64); ``csc_perm[k]`` (int64) is the original edge of transposed position
     ``k``; edges of a column keep their row order (stable), so results are
-    deterministic. CPU: a counting sort in C++ in two cache-sized passes
-    (``pyattn::csr_transpose``, which also checks the CSR); other devices: ``reference.csr_transpose``, a
-    stable torch sort.
+    deterministic. CPU: a counting sort in C++ (``pyattn::csr_transpose``,
+    which also checks the CSR; on large graphs in two cache-sized passes);
+    other devices: ``reference.csr_transpose``, a stable torch sort.
     """
     if rowptr.device.type == "cpu":
         return torch.ops.pyattn.csr_transpose(rowptr, col, num_cols)
