@@ -24,6 +24,12 @@ from pyattn.profiling import peak_memory
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROOFLINE = pytest.StashKey[dict]()
 ROUND_BUDGET_S, MAX_ROUNDS, PAIRED_ROUNDS = 0.5, 100, 9
+# Seconds of pairs a paired row may spend beyond its first PAIRED_ROUNDS: the
+# 95% interval of a median narrows as 1 / sqrt(pairs), and on this noisy host
+# 9-11 pairs of a 45 ms case left it wider than 10% of the median (the run of
+# 2026-11-28: 32 of 158 paired rows under 10%); 6 s adds about 5 minutes to
+# `make bench` and gives cases up to 60 ms 100 pairs.
+PAIRED_BUDGET_S = 6.0
 
 
 def synchronized(fn):
@@ -134,7 +140,8 @@ def paired_speedup(ours: list, partners: list) -> dict:
 def measure(benchmark, roofline):
     """measure(fn, group, impl, rounds=5, partner=None): time fn and record its
     peak memory. ``rounds`` is a minimum: fast cases run as many rounds as fit
-    in ROUND_BUDGET_S (at most MAX_ROUNDS), so that their median is stable.
+    in ROUND_BUDGET_S (PAIRED_BUDGET_S for paired rows, both sides counted; at
+    most MAX_ROUNDS), so that their median is stable.
 
     ``partner=(name, fn)``, given to pyattn's rows: the PyTorch counterpart the
     issues set the targets against, run (and timed) next to each of fn's
@@ -175,7 +182,8 @@ def measure(benchmark, roofline):
                 if round_index[0] % 2 == 1:
                     timed_partner()
                 round_index[0] += 1
-        rounds = max(rounds, min(MAX_ROUNDS, int(ROUND_BUDGET_S / max(once, 1e-6))))
+        budget = PAIRED_BUDGET_S if partner is not None else ROUND_BUDGET_S
+        rounds = max(rounds, min(MAX_ROUNDS, int(budget / max(once, 1e-6))))
         benchmark.group = group
         benchmark.extra_info.update(info, impl=impl, device=str(DEVICE),
                                     peak_memory_mb=peak_memory(fn, DEVICE) / 2**20)

@@ -41,11 +41,9 @@ def records_nothing(args: Sequence) -> bool:
     per-call cost (measured: 7-9 us)."""
     if forward_ad._current_level >= 0 or retrieve_all_functorch_interpreters():
         return False
-    if torch.is_grad_enabled():
-        for a in args:  # a loop, not any() over a generator: 1 us instead of 3
-            if isinstance(a, torch.Tensor) and a.requires_grad:
-                return False
-    return True
+    # torch's C++ scan (what torch.library's own autograd kernels use): 1 us for
+    # nine arguments, where a Python isinstance loop took 2.5-3.5 us
+    return not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args))
 
 
 def call(op, *args):
