@@ -93,6 +93,11 @@ def describe_machine(report: dict) -> str:
         if roofline.get("bf16_gemm_gflops"):
             text += f", bf16 gemm {roofline['bf16_gemm_gflops']:,.0f} GFLOP/s"
         text += f", copy {roofline['copy_gbps']:,.1f} GB/s"
+        measurements = roofline.get("measurements", {})
+        if measurements:  # benchmarks/conftest.py: the better of the run's start and end
+            text += " (the better of " + "; ".join(
+                f"{when}: sgemm {rates['sgemm_gflops']:,.1f}, copy {rates['copy_gbps']:,.1f}"
+                for when, rates in measurements.items()) + ")"
     return text
 
 

@@ -94,6 +94,24 @@ def test_benchmark_table_quotes_the_paired_speedup():
 
 
 
+def test_run_roofline_takes_each_rate_at_its_better_measurement():
+    spec = importlib.util.spec_from_file_location("bench_conftest",
+                                                  os.path.join(REPO, "benchmarks", "conftest.py"))
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    start = {"device": "cpu", "threads": 2, "gemm_n": 2048, "sgemm_gflops": 149.7,
+             "copy_gbps": 9.4}
+    end = dict(start, sgemm_gflops=237.1, copy_gbps=8.0)
+    best = conftest.best_roofline(start, end)
+    assert best == dict(start, sgemm_gflops=237.1, copy_gbps=9.4,
+                        measurements={"start": start, "end": end})
+    assert start["sgemm_gflops"] == 149.7  # the measurements themselves unchanged
+    report = {"datetime": "2026-11-28T21:12:00", "machine_info": {"roofline": best}}
+    assert summarize.describe_machine(report).endswith(
+        "sgemm 237.1 GFLOP/s, copy 9.4 GB/s (the better of start: sgemm 149.7, copy 9.4; "
+        "end: sgemm 237.1, copy 8.0)")
+
+
 def test_benchmark_table_gives_a_partner_timed_only_in_pairs_its_own_row():
     paired = {"partner": "pyattn zeros", "speedup": 0.98, "speedup_q1": 0.97,
               "speedup_q3": 0.99, "rounds": 9, "median_s": 0.1, "partner_median_s": 0.098}
@@ -132,7 +150,13 @@ def test_measure_alternates_rounds_with_the_partner(tmp_path):
                     "conftest", "bench_pair.py", f"--benchmark-json={report}"], cwd=tmp_path,
                    env=dict(os.environ, PYTHONPATH=os.path.join(REPO, "benchmarks")),
                    check=True, stdout=subprocess.DEVNULL)
-    bench, = json.loads(report.read_text())["benchmarks"]
+    written = json.loads(report.read_text())
+    bench, = written["benchmarks"]
+    # the roofline measured at the start and again after the last benchmark, each rate the better
+    roofline = written["machine_info"]["roofline"]
+    start, end = roofline["measurements"]["start"], roofline["measurements"]["end"]
+    for key in ("sgemm_gflops", "copy_gbps"):
+        assert roofline[key] == max(start[key], end[key]) > 0
     # a smoke run (--benchmark-disable: each call once, no statistics) has no pairs to record
     (tmp_path / "bench_smoke.py").write_text(
         "def test_smoke(measure):\n"
