@@ -25,7 +25,7 @@ from pyattn.profiling import peak_memory
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROOFLINE, ROOFLINE_END = pytest.StashKey[dict](), pytest.StashKey[dict]()
 ROUND_BUDGET_S, MAX_ROUNDS, PAIRED_ROUNDS = 0.5, 100, 9
-# Seconds of pairs a paired row may spend beyond its first PAIRED_ROUNDS: the
+# Seconds of pairs a paired row may spend in all (at least PAIRED_ROUNDS): the
 # 95% interval of a median narrows as 1 / sqrt(pairs), and on this noisy host
 # 9-11 pairs of a 45 ms case left it wider than 10% of the median (the run of
 # 2026-11-28: 32 of 158 paired rows under 10%); 6 s adds about 5 minutes to
