@@ -150,6 +150,24 @@ def test_cpp_head_dims(dim, dtype):
     _check_against_reference(q, k, v, True, "cpp")
 
 
+# Float at head_dim 64 runs pyattn/gemm_avx512.h's loops on CPUs with AVX-512
+# (BLAS elsewhere): register tiles of 6 rows leave 1-5 (7, 13, 131, 260 = 6 * 43 + 2
+# queries; 113, 515, 1043 keys), partial vectors and 64-key panels (113, 515 = 512 +
+# 3, 1043), depth chunks of 64 (the forward's P V over 512 keys, the backward's
+# products over 128 queries), the backward's transposed P and dS, both backward
+# schedules (batch * kv_heads 4 and 8), and rows strided by a (batch, seq, heads,
+# dim) layout.
+@pytest.mark.parametrize("batch", [2, 4])
+@pytest.mark.parametrize("layout", ["contiguous", "seq_major"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq_q, seq_k", [(7, 7), (13, 113), (131, 515), (260, 1043), (1, 64)])
+def test_cpp_own_tile_products_at_head_dim_64(seq_q, seq_k, causal, layout, batch):
+    q, k, v = _inputs(batch, 4, 2, seq_q, seq_k, 64, torch.float32)
+    if layout == "seq_major":
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    _check_against_reference(q, k, v, causal, "cpp")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("seq_q, seq_k", [(1, 300), (1, 4500), (8, 2300), (9, 700), (129, 700)])
 def test_cpp_single_query_tiles(dtype, seq_q, seq_k):
@@ -316,7 +334,9 @@ def _assert_same_on_every_thread_count(fn):
 
 @pytest.mark.parametrize("batch, heads, kv_heads", [(2, 4, 2), (8, 2, 1)])  # both backward schedules
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
-@pytest.mark.parametrize("dim", [32, 128])  # MKL's own blocking at 128 depended on the thread count
+# 32 and 128: MKL (whose blocking at 128 depended on the thread count); 64: the
+# own AVX-512 loops in float (pyattn/gemm_avx512.h).
+@pytest.mark.parametrize("dim", [32, 64, 128])
 def test_cpp_is_deterministic_across_thread_counts(batch, heads, kv_heads, dropout_p, dim):
     q, k, v = _inputs(batch, heads, kv_heads, 150, 170, dim, torch.float32)
     grad = torch.randn_like(q)

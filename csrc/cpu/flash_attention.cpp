@@ -5,6 +5,8 @@
 // each thread holds a few tiles of queries x keys.
 //
 // Every BLAS call is made by a worker planned for one thread (SequentialBlas).
+// In float at head_dim 64 the tile products run pyattn/gemm_avx512.h's own
+// loops instead, where the CPU has AVX-512 (own_tile_kernels).
 //
 // Forward: parallel over (batch, head, query tile). Backward: one pass per
 // (batch, kv head) when there are enough of them, else dq over (batch, head,
@@ -33,10 +35,12 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "pyattn/attention_tiles.h"
 #include "pyattn/cpu_math.h"
+#include "pyattn/gemm_avx512.h"
 #include "pyattn/philox.h"
 #include "pyattn/sequential_blas.h"
 #include "pyattn/tile_transpose.h"
@@ -177,14 +181,48 @@ bool straddles_diagonal(const Problem& p, int64_t i0, int64_t j0, int64_t cols) 
   return row_limit(p, i0, j0, cols) < cols;
 }
 
+// The tile products run pyattn/gemm_avx512.h's loops where they beat BLAS:
+// float at head_dim 64, on a CPU with AVX-512, and not for a decode's few rows
+// (BLAS's matrix-vector products). Chosen by shape and CPU alone, so results do
+// not depend on the thread count.
+template <typename T>
+bool own_tile_kernels(const Problem& p, bool decode) {
+#if PYATTN_GEMM_AVX512
+  return std::is_same_v<T, float> && p.dim == 64 && !decode && cpu::cpu_has_avx512f();
+#else
+  return false;
+#endif
+}
+
+// C (m x n, ldc) = alpha * op(A) B + (accumulate ? C : 0) with row-major B
+// (ldb); op(A) is A (m x k, lda) or, with trans_a, the transpose of A (k x m,
+// lda). pyattn/gemm_avx512.h's loops when own_kernels (float only), else BLAS.
+template <typename T>
+void tile_gemm(bool own_kernels, bool trans_a, int64_t m, int64_t n, int64_t k, T alpha,
+               const T* a, int64_t lda, const T* b, int64_t ldb, bool accumulate, T* c,
+               int64_t ldc) {
+#if PYATTN_GEMM_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    if (own_kernels) {
+      cpu::avx512::gemm(trans_a, m, n, k, alpha, a, lda, b, ldb, cpu::avx512::kPanelCols,
+                        accumulate, c, ldc);
+      return;
+    }
+  }
+#endif
+  cpu::gemm<T>(trans_a, false, m, n, k, alpha, a, lda, b, ldb, accumulate ? T(1) : T(0), c, ldc);
+}
+
 // C (rows x dim, ldc) += alpha * A B over visible pairs: row r of A (rows x cols,
 // lda p.block_k, 0 at masked pairs) meets rows [0, limit_r) of B (cols x dim).
 // For P V and dS K. A plain GEMM unless B holds a NaN or Inf where A is masked.
 template <typename Acc>
 void gemm_visible_keys(const Problem& p, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
-                       Acc alpha, const Acc* a, const Acc* b, int64_t ldb, Acc* c, int64_t ldc) {
+                       Acc alpha, const Acc* a, const Acc* b, int64_t ldb, Acc* c, int64_t ldc,
+                       bool own_kernels) {
   if (!straddles_diagonal(p, i0, j0, cols) || cpu::all_finite(b, cols, ldb, p.dim)) {
-    cpu::gemm<Acc>(false, false, rows, p.dim, cols, alpha, a, p.block_k, b, ldb, Acc(1), c, ldc);
+    tile_gemm<Acc>(own_kernels, false, rows, p.dim, cols, alpha, a, p.block_k, b, ldb, true, c,
+                   ldc);
     return;
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -201,9 +239,10 @@ void gemm_visible_keys(const Problem& p, int64_t i0, int64_t rows, int64_t j0, i
 template <typename Acc>
 void gemm_visible_queries(const Problem& p, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
                           Acc alpha, const Acc* a, const Acc* b, int64_t ldb, Acc* c,
-                          int64_t ldc) {
+                          int64_t ldc, bool own_kernels) {
   if (!straddles_diagonal(p, i0, j0, cols) || cpu::all_finite(b, rows, ldb, p.dim)) {
-    cpu::gemm<Acc>(true, false, cols, p.dim, rows, alpha, a, p.block_k, b, ldb, Acc(1), c, ldc);
+    tile_gemm<Acc>(own_kernels, true, cols, p.dim, rows, alpha, a, p.block_k, b, ldb, true, c,
+                   ldc);
     return;
   }
   for (int64_t col = 0; col < cols; ++col) {
@@ -240,9 +279,10 @@ PYATTN_X86_CLONES void dropout_row(const Problem& p, int64_t bh, int64_t i, int6
 // tiles, head_dim 64 / 128, one thread). Done once before the passes (the
 // two-pass schedule's dq pass would otherwise transpose every key tile again
 // for each query tile); as much memory as K with seq_k rounded up to a
-// multiple of block_k. (The forward keeps MKL's
-// transposed-operand product: there a transposed K took as long as MKL's own
-// packing it replaced, 0.94-1.04x the time at seq 1024 / 2048.)
+// multiple of block_k. (The forward transposes K only for its own loops, in
+// panels of kKeyPanel keys; with BLAS it keeps MKL's transposed-operand product:
+// there a transposed K took as long as MKL's own packing it replaced, 0.94-1.04x
+// the time at seq 1024 / 2048.)
 template <typename T>
 at::Tensor transposed_key_tiles(const at::Tensor& x_t, const Problem& p) {
   const Rows<T> x = rows_of<T>(x_t);
@@ -267,6 +307,35 @@ const T* key_tile(const at::Tensor& tiles, const Problem& p, int64_t b, int64_t 
                                          p.dim * p.block_k;
 }
 
+// K transposed into panels of kKeyPanel keys (dim x kKeyPanel each) for the
+// forward's own Q K^T (pyattn/gemm_avx512.h's B operand), once beforehand (as
+// much memory as K) instead of BLAS packing K for every query tile.
+constexpr int64_t kKeyPanel = 64;
+#if PYATTN_GEMM_AVX512
+static_assert(kKeyPanel == cpu::avx512::kPanelCols, "K's panels are the loops' panels");
+#endif
+
+// scores (rows x cols, row stride p.block_k) = scale * Q K^T for the query tile
+// at q_rows and the keys [j0, j0 + cols): own loops against K's panels
+// (key_panels: the Problem whose block_k is kKeyPanel), else BLAS against K.
+template <typename T>
+void forward_scores(const Problem& p, bool own_kernels, int64_t rows, int64_t cols, T scale,
+                    const T* q_rows, int64_t q_stride, const Rows<T>& k, const at::Tensor& kt,
+                    const Problem& key_panels, int64_t b, int64_t kvh, int64_t j0, T* scores) {
+#if PYATTN_GEMM_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    if (own_kernels) {
+      cpu::avx512::gemm(false, rows, cols, p.dim, scale, q_rows, q_stride,
+                        key_tile<T>(kt, key_panels, b, kvh, j0), kKeyPanel, p.dim * kKeyPanel,
+                        false, scores, p.block_k);
+      return;
+    }
+  }
+#endif
+  cpu::gemm<T>(false, true, rows, cols, p.dim, scale, q_rows, q_stride, k.at(b, kvh, j0),
+               k.row_stride, T(0), scores, p.block_k);
+}
+
 template <typename T>
 void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tensor& v_t,
                     const at::Tensor& out_t, const at::Tensor& lse_t, const Problem& p) {
@@ -279,6 +348,10 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
   const Acc scale = static_cast<Acc>(p.scale);
   const Acc keep_scale = Acc(1) / static_cast<Acc>(1 - p.dropout_p);
   constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
+  const bool own_kernels = own_tile_kernels<T>(p, p.block_q == kDecodeRows);
+  Problem key_panels = p;
+  key_panels.block_k = kKeyPanel;
+  const at::Tensor kt = own_kernels ? transposed_key_tiles<T>(k_t, key_panels) : at::Tensor();
   at::parallel_for(0, p.batch * p.heads * q_tiles, 1, [&](int64_t begin, int64_t end) {
     const cpu::SequentialBlas sequential_blas;
     std::vector<Acc> scores(p.block_q * p.block_k), acc(p.block_q * d), row_max(p.block_q),
@@ -293,8 +366,8 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
       const int64_t key_end = tile_key_end(p, i0, rows);
       for (int64_t j0 = 0; j0 < key_end; j0 += p.block_k) {
         const int64_t cols = std::min(p.block_k, key_end - j0);
-        cpu::gemm<Acc>(false, true, rows, cols, d, scale, q.at(b, h, i0), q.row_stride,
-                       k.at(b, kvh, j0), k.row_stride, Acc(0), scores.data(), p.block_k);
+        forward_scores<T>(p, own_kernels, rows, cols, scale, q.at(b, h, i0), q.row_stride, k, kt,
+                          key_panels, b, kvh, j0, scores.data());
         for (int64_t r = 0; r < rows; ++r) {
           Acc* s = scores.data() + r * p.block_k;
           const int64_t limit = row_limit(p, i0 + r, j0, cols);
@@ -321,7 +394,7 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
           }
         }
         gemm_visible_keys<Acc>(p, i0, rows, j0, cols, Acc(1), scores.data(), v.at(b, kvh, j0),
-                               v.row_stride, acc.data(), d);
+                               v.row_stride, acc.data(), d, own_kernels);
       }
       for (int64_t r = 0; r < rows; ++r) {
         T* o = out.at(b, h, i0 + r);
@@ -406,6 +479,7 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
     return std::make_pair(lse + offset, delta.data() + offset);
   };
 
+  const bool own_kernels = own_tile_kernels<T>(p, false);
   // K and V transposed, for S = Q K^T and dP = dO V^T.
   const at::Tensor kt = transposed_key_tiles<T>(k_t, p), vt = transposed_key_tiles<T>(v_t, p);
   // P and dS of one (query tile, key tile) pair: t.s <- dS, t.prob <- P, t.dp
@@ -414,10 +488,10 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
                         TileScratch<Acc>& t) {
     const auto [tile_lse, tile_delta] = row_stats(b, h, i0);
     const int64_t kvh = h / group;
-    cpu::gemm<Acc>(false, false, rows, cols, d, scale, q.at(b, h, i0), q.row_stride,
-                   key_tile<T>(kt, p, b, kvh, j0), p.block_k, Acc(0), t.s.data(), p.block_k);
-    cpu::gemm<Acc>(false, false, rows, cols, d, Acc(1), go.at(b, h, i0), go.row_stride,
-                   key_tile<T>(vt, p, b, kvh, j0), p.block_k, Acc(0), t.dp.data(), p.block_k);
+    tile_gemm<Acc>(own_kernels, false, rows, cols, d, scale, q.at(b, h, i0), q.row_stride,
+                   key_tile<T>(kt, p, b, kvh, j0), p.block_k, false, t.s.data(), p.block_k);
+    tile_gemm<Acc>(own_kernels, false, rows, cols, d, Acc(1), go.at(b, h, i0), go.row_stride,
+                   key_tile<T>(vt, p, b, kvh, j0), p.block_k, false, t.dp.data(), p.block_k);
     softmax_grad_tile<Acc>(p, b * p.heads + h, i0, rows, j0, cols, tile_lse, tile_delta,
                            t.s.data(), t.prob.data(), t.dp.data(), t.keep.data());
   };
@@ -428,15 +502,15 @@ void backward_kernel(const at::Tensor& grad_t, const at::Tensor& q_t, const at::
   auto add_dk_dv = [&](int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
                        const Acc* ds, const Acc* prob, T* dk_rows, T* dv_rows) {
     gemm_visible_queries<Acc>(p, i0, rows, j0, cols, Acc(1), prob, go.at(b, h, i0),
-                              go.row_stride, dv_rows, dv.row_stride);
+                              go.row_stride, dv_rows, dv.row_stride, own_kernels);
     gemm_visible_queries<Acc>(p, i0, rows, j0, cols, scale, ds, q.at(b, h, i0), q.row_stride,
-                              dk_rows, dk.row_stride);
+                              dk_rows, dk.row_stride, own_kernels);
   };
   // dQ += scale * dS K for one tile pair.
   auto add_dq = [&](int64_t b, int64_t h, int64_t kvh, int64_t i0, int64_t rows, int64_t j0,
                     int64_t cols, const Acc* ds) {
     gemm_visible_keys<Acc>(p, i0, rows, j0, cols, scale, ds, k.at(b, kvh, j0), k.row_stride,
-                           dq.at(b, h, i0), dq.row_stride);
+                           dq.at(b, h, i0), dq.row_stride, own_kernels);
   };
   const int64_t q_tiles = (p.seq_q + p.block_q - 1) / p.block_q;
   const int64_t k_tiles = (p.seq_k + p.block_k - 1) / p.block_k;
