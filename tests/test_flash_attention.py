@@ -151,16 +151,20 @@ def test_cpp_head_dims(dim, dtype):
 
 
 # Float at head_dim 64 runs pyattn/gemm_avx512.h's loops on CPUs with AVX-512
-# (BLAS elsewhere): register tiles of 6 rows leave 1-5 (7, 13, 131, 260 = 6 * 43 + 2
-# queries; 113, 515, 1043 keys), partial vectors and 64-key panels (113, 515 = 512 +
-# 3, 1043), depth chunks of 64 (the forward's P V over 512 keys, the backward's
-# products over 128 queries), the backward's transposed P and dS, both backward
-# schedules (batch * kv_heads 4 and 8), and rows strided by a (batch, seq, heads,
-# dim) layout.
+# (BLAS elsewhere). After register tiles of 6 rows, query tiles of 9, 12, 100,
+# 125, 128 and 4 rows leave 3, 0, 4, 5, 2 and 4, and the backward's key tiles
+# of 9, 40, 113, 38 and 19 rows (its transposed products) leave 3, 4, 5, 2 and
+# 1. The forward's last panels of keys are 9, 40, 49, 38 and 19 wide (1 to 4
+# vectors, the last partial). Depth chunks of 64: the forward's P V over up to
+# 512 keys, the backward's transposed products over 100 queries (64 + 36) and
+# 128. One query: a decode forward (BLAS) and an own-loop backward. Both
+# backward schedules (batch * kv_heads 4 and 8), and rows strided by a (batch,
+# seq, heads, dim) layout.
 @pytest.mark.parametrize("batch", [2, 4])
 @pytest.mark.parametrize("layout", ["contiguous", "seq_major"])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("seq_q, seq_k", [(7, 7), (13, 113), (131, 515), (260, 1043), (1, 64)])
+@pytest.mark.parametrize("seq_q, seq_k", [(9, 9), (12, 40), (100, 113), (125, 550), (132, 1043),
+                                          (1, 64)])
 def test_cpp_own_tile_products_at_head_dim_64(seq_q, seq_k, causal, layout, batch):
     q, k, v = _inputs(batch, 4, 2, seq_q, seq_k, 64, torch.float32)
     if layout == "seq_major":

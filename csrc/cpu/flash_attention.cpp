@@ -64,6 +64,8 @@ constexpr int64_t kBackwardBlockQ = 128, kBackwardBlockK = 128;
 // kDecodeBlockK keys amortise them (same-process A/B, batch 4, 8 heads, one
 // query, against 256-key tiles: 6-7% faster at 1024 keys, 2-5% at 4096).
 constexpr int64_t kDecodeRows = 8, kDecodeBlockK = 2048;
+static_assert(kForwardBlockQ != kDecodeRows && kBackwardBlockQ != kDecodeRows,
+              "a Problem's block_q tells a decode");
 constexpr int64_t kMaxBlockK = std::max({kForwardBlockK, kBackwardBlockK, kDecodeBlockK});
 // Backward in one pass when there are at least this many (batch, kv head)
 // pairs to spread over threads. Chosen by shape alone, so results do not
@@ -279,8 +281,8 @@ PYATTN_X86_CLONES void dropout_row(const Problem& p, int64_t bh, int64_t i, int6
 // tiles, head_dim 64 / 128, one thread). Done once before the passes (the
 // two-pass schedule's dq pass would otherwise transpose every key tile again
 // for each query tile); as much memory as K with seq_k rounded up to a
-// multiple of block_k. (The forward transposes K only for its own loops, in
-// panels of kKeyPanel keys; with BLAS it keeps MKL's transposed-operand product:
+// multiple of block_k. (The forward transposes K only for its own loops,
+// transpose_key_panels; with BLAS it keeps MKL's transposed-operand product:
 // there a transposed K took as long as MKL's own packing it replaced, 0.94-1.04x
 // the time at seq 1024 / 2048.)
 template <typename T>
@@ -307,27 +309,37 @@ const T* key_tile(const at::Tensor& tiles, const Problem& p, int64_t b, int64_t 
                                          p.dim * p.block_k;
 }
 
-// K transposed into panels of kKeyPanel keys (dim x kKeyPanel each) for the
-// forward's own Q K^T (pyattn/gemm_avx512.h's B operand), once beforehand (as
-// much memory as K) instead of BLAS packing K for every query tile.
+// K of one (batch, kv head) transposed into panels of kKeyPanel keys (dim x
+// kKeyPanel each, the one of keys [j, j + kKeyPanel) at j * dim): the B operand
+// of the forward's own Q K^T (pyattn/gemm_avx512.h), transposed once per worker
+// and kv head instead of BLAS packing K for every query tile. A worker's tasks
+// run head by head, and it keeps one head's panels: threads x seq_k x dim floats
+// in all, not a copy of K.
 constexpr int64_t kKeyPanel = 64;
 #if PYATTN_GEMM_AVX512
 static_assert(kKeyPanel == cpu::avx512::kPanelCols, "K's panels are the loops' panels");
 #endif
 
+template <typename T>
+void transpose_key_panels(const Rows<T>& k, const Problem& p, int64_t b, int64_t kvh, T* panels) {
+  for (int64_t j = 0; j < p.seq_k; j += kKeyPanel) {
+    cpu::transpose_rows(k.at(b, kvh, j), k.row_stride, std::min(kKeyPanel, p.seq_k - j), p.dim,
+                        panels + j * p.dim, kKeyPanel);
+  }
+}
+
 // scores (rows x cols, row stride p.block_k) = scale * Q K^T for the query tile
-// at q_rows and the keys [j0, j0 + cols): own loops against K's panels
-// (key_panels: the Problem whose block_k is kKeyPanel), else BLAS against K.
+// at q_rows and the keys [j0, j0 + cols) of (b, kvh): own loops against the
+// head's K panels (key_panels), else BLAS against K.
 template <typename T>
 void forward_scores(const Problem& p, bool own_kernels, int64_t rows, int64_t cols, T scale,
-                    const T* q_rows, int64_t q_stride, const Rows<T>& k, const at::Tensor& kt,
-                    const Problem& key_panels, int64_t b, int64_t kvh, int64_t j0, T* scores) {
+                    const T* q_rows, int64_t q_stride, const Rows<T>& k, const T* key_panels,
+                    int64_t b, int64_t kvh, int64_t j0, T* scores) {
 #if PYATTN_GEMM_AVX512
   if constexpr (std::is_same_v<T, float>) {
     if (own_kernels) {
-      cpu::avx512::gemm(false, rows, cols, p.dim, scale, q_rows, q_stride,
-                        key_tile<T>(kt, key_panels, b, kvh, j0), kKeyPanel, p.dim * kKeyPanel,
-                        false, scores, p.block_k);
+      cpu::avx512::gemm(false, rows, cols, p.dim, scale, q_rows, q_stride, key_panels + j0 * p.dim,
+                        kKeyPanel, p.dim * kKeyPanel, false, scores, p.block_k);
       return;
     }
   }
@@ -349,16 +361,20 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
   const Acc keep_scale = Acc(1) / static_cast<Acc>(1 - p.dropout_p);
   constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
   const bool own_kernels = own_tile_kernels<T>(p, p.block_q == kDecodeRows);
-  Problem key_panels = p;
-  key_panels.block_k = kKeyPanel;
-  const at::Tensor kt = own_kernels ? transposed_key_tiles<T>(k_t, key_panels) : at::Tensor();
+  const int64_t panel_keys = (p.seq_k + kKeyPanel - 1) / kKeyPanel * kKeyPanel;
   at::parallel_for(0, p.batch * p.heads * q_tiles, 1, [&](int64_t begin, int64_t end) {
     const cpu::SequentialBlas sequential_blas;
     std::vector<Acc> scores(p.block_q * p.block_k), acc(p.block_q * d), row_max(p.block_q),
-        row_sum(p.block_q), keep(p.dropout() ? p.block_k : 0);
+        row_sum(p.block_q), keep(p.dropout() ? p.block_k : 0),
+        key_panels(own_kernels ? panel_keys * d : 0);
+    int64_t panels_of = -1;  // the (batch, kv head) whose K key_panels holds
     for (int64_t task = begin; task < end; ++task) {
       const int64_t tile = task % q_tiles, bh = task / q_tiles;
       const int64_t b = bh / p.heads, h = bh % p.heads, kvh = h / group;
+      if (own_kernels && b * p.kv_heads + kvh != panels_of) {
+        transpose_key_panels<T>(k, p, b, kvh, key_panels.data());
+        panels_of = b * p.kv_heads + kvh;
+      }
       const int64_t i0 = tile * p.block_q, rows = std::min(p.block_q, p.seq_q - i0);
       std::fill(acc.begin(), acc.end(), Acc(0));
       std::fill(row_max.begin(), row_max.end(), kNegInf);
@@ -366,8 +382,8 @@ void forward_kernel(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tens
       const int64_t key_end = tile_key_end(p, i0, rows);
       for (int64_t j0 = 0; j0 < key_end; j0 += p.block_k) {
         const int64_t cols = std::min(p.block_k, key_end - j0);
-        forward_scores<T>(p, own_kernels, rows, cols, scale, q.at(b, h, i0), q.row_stride, k, kt,
-                          key_panels, b, kvh, j0, scores.data());
+        forward_scores<T>(p, own_kernels, rows, cols, scale, q.at(b, h, i0), q.row_stride, k,
+                          key_panels.data(), b, kvh, j0, scores.data());
         for (int64_t r = 0; r < rows; ++r) {
           Acc* s = scores.data() + r * p.block_k;
           const int64_t limit = row_limit(p, i0 + r, j0, cols);

@@ -143,6 +143,10 @@ __attribute__((target("avx512f"))) inline void gemm(bool trans_a, int64_t m, int
                                                     int64_t lda, const float* b, int64_t ldb,
                                                     int64_t panel_stride, bool accumulate,
                                                     float* c, int64_t ldc) {
+  if (k == 0) {  // an empty sum: C = 0 (+ C), as BLAS with beta 0 or 1
+    for (int64_t r = 0; r < m && !accumulate; ++r) std::fill(c + r * ldc, c + r * ldc + n, 0.0f);
+    return;
+  }
   if (trans_a) {
     gemm_panels<true>(m, n, k, alpha, a, lda, b, ldb, panel_stride, accumulate, c, ldc);
   } else {
