@@ -222,7 +222,11 @@ def _cpu_path(which, x, w, stride, padding, dilation, groups, mode):
 # asymmetric padding; 40 x 113 x 24 channels packs several row blocks per sample
 # in the forward (about 256 KiB each), up to 1 MiB for the input gradient, and
 # leaves part of a vector of input channels; Net1's conv4 (6 x 6 outputs);
-# 256 output channels, whose products cap a block at 3 rows (1 in float64).
+# 256 output channels, whose products cap a block at 3 rows (1 in float64);
+# strides (3, 2) with padding on top and left only, where the input
+# gradient's packed rows and columns end before the input's last row and
+# column, which circular padding reads (their gradient is added outside the
+# packed positions; the other padding positions fold into packed ones).
 DIRECT_SHAPES = [
     (3, 16, 32, 5, 3, 3, 2, (2, 2, 0, 1), 1, 1),
     (2, 16, 40, 9, 12, 3, (3, 1), (1, 0, 2, 1), (2, 1), 1),
@@ -231,6 +235,7 @@ DIRECT_SHAPES = [
     (5, 64, 64, 10, 10, 3, 2, 2, 1, 1),
     (2, 16, 16, 11, 9, 5, (1, 2), 2, (1, 2), 1),
     (1, 16, 256, 12, 70, 3, 1, 1, 1, 1),
+    (2, 16, 32, 8, 9, 3, (3, 2), (2, 0, 1, 0), 1, 1),
 ]
 
 
