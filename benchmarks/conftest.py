@@ -14,6 +14,7 @@ every row that records ``flops`` or ``bytes`` can be set against the machine's
 own limit.
 """
 import math
+import os
 import statistics
 import time
 
@@ -31,6 +32,15 @@ ROUND_BUDGET_S, MAX_ROUNDS, PAIRED_ROUNDS = 0.5, 100, 9
 # 2026-11-28: 32 of 158 paired rows under 10%); 6 s adds about 5 minutes to
 # `make bench` and gives cases up to 60 ms 100 pairs.
 PAIRED_BUDGET_S = 6.0
+# Then a paired row adds pairs until the 95% interval of its median is
+# narrower than STEADY_WIDTH of it, for at most STEADY_BUDGET_S more seconds
+# (PYATTN_BENCH_STEADY_S; 0: none) and MAX_PAIRS pairs in all. In the run of
+# 2026-11-29 48 of 158 rows were wider after 6 s. Judged by the spread of
+# their quartiles, the 100-pair rows of calls under 2 ms (Cora; quartiles
+# 20-60% apart) need 200-500 pairs, a fraction of a second, and most rows of
+# 0.2-6 s pairs 10-60 s more.
+STEADY_WIDTH, MAX_PAIRS = 0.10, 2000
+STEADY_BUDGET_S = float(os.environ.get("PYATTN_BENCH_STEADY_S", "60"))
 
 
 def synchronized(fn):
@@ -168,6 +178,14 @@ def paired_speedup(ours: list, partners: list) -> dict:
             "median_s": statistics.median(ours), "partner_median_s": statistics.median(partners)}
 
 
+def is_steady(ratios: list) -> bool:
+    """Whether the 95% interval of the median of these per-pair ratios is
+    narrower than STEADY_WIDTH of the median."""
+    ordered = sorted(ratios)
+    interval = median_interval(ordered)
+    return bool(interval) and interval[1] - interval[0] < STEADY_WIDTH * statistics.median(ordered)
+
+
 @pytest.fixture
 def measure(benchmark, roofline):
     """measure(fn, group, impl, rounds=5, partner=None): time fn and record its
@@ -181,8 +199,12 @@ def measure(benchmark, roofline):
     in odd ones (P F F P P F ...), so that what one call leaves behind (cache
     contents, spinning threads) falls on both sides alike; extra_info["paired"]
     holds the per-round speedups' median and quartiles (:func:`paired_speedup`),
-    the figure RESULTS.md quotes. The partner also has its own row (its own
-    test), timed alone like every other implementation."""
+    the figure RESULTS.md quotes. Where their median's 95% interval is still
+    STEADY_WIDTH of it or wider, pairs are added in the same order, timed the
+    same way, until it is narrower or STEADY_BUDGET_S more seconds or MAX_PAIRS
+    pairs are spent (``paired["added"]`` counts them; pyattn's row statistics
+    include them). The partner also has its own row (its own test), timed
+    alone like every other implementation."""
     def run(fn, group, impl, rounds=5, partner=None, **info):
         fn = synchronized(fn)
         if DEVICE.type == "cpu":
@@ -222,7 +244,35 @@ def measure(benchmark, roofline):
         benchmark.pedantic(fn, setup=setup, teardown=teardown, rounds=rounds, warmup_rounds=0,
                            iterations=1)
         if partner is not None and benchmark.stats:  # no stats under --benchmark-disable
-            ours = benchmark.stats.stats.data  # (--benchmark-cprofile runs one more pair)
+            ours = benchmark.stats.stats.data
+            del partner_times[len(ours):]  # --benchmark-cprofile runs one more pair
+            added = add_pairs_until_steady(fn, timed_partner, benchmark.stats, partner_times)
             benchmark.extra_info["paired"] = dict(
-                paired_speedup(ours, partner_times[:len(ours)]), partner=partner_name)
+                paired_speedup(ours, partner_times), partner=partner_name, added=added)
     return run
+
+
+def add_pairs_until_steady(fn, timed_partner, stats, partner_times: list,
+                           clock=time.perf_counter) -> int:
+    """Time more pairs, continuing the P F F P order, into ``stats`` (pyattn's
+    rounds) and ``partner_times`` until their ratios are steady (is_steady) or
+    the budget is spent; return how many were added. The check runs every
+    len / 20 pairs: it costs more than a fast pair once pairs number hundreds."""
+    ours, spent, added, next_check = stats.stats.data, 0.0, 0, len(stats.stats.data)
+    while len(ours) < MAX_PAIRS and spent < STEADY_BUDGET_S:
+        if len(ours) >= next_check:
+            if is_steady([p / o for p, o in zip(partner_times, ours)]):
+                break
+            next_check = len(ours) + max(1, len(ours) // 20)
+        partner_first = len(ours) % 2 == 0
+        start = clock()
+        if partner_first:
+            timed_partner()
+        fn_start = clock()
+        fn()
+        stats.update(clock() - fn_start)
+        if not partner_first:
+            timed_partner()
+        spent += clock() - start
+        added += 1
+    return added

@@ -122,6 +122,9 @@ run_step build "$CAP_BUILD" 0 bash -c "
 built=$?
 
 export PYATTN_REQUIRE_CUDA=1 PYATTN_REQUIRE_DATA=1
+# no pairs added for steadiness (benchmarks/conftest.py): each bench step has
+# 30 s for all of its headline cases
+export PYATTN_BENCH_STEADY_S=0
 if (( built == 0 )); then
   other_args=()
   for op in "${OPS[@]}"; do

@@ -148,7 +148,8 @@ def test_measure_alternates_rounds_with_the_partner(tmp_path):
     report = tmp_path / "report.json"
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
                     "conftest", "bench_pair.py", f"--benchmark-json={report}"], cwd=tmp_path,
-                   env=dict(os.environ, PYTHONPATH=os.path.join(REPO, "benchmarks")),
+                   env=dict(os.environ, PYTHONPATH=os.path.join(REPO, "benchmarks"),
+                            PYATTN_BENCH_STEADY_S="0"),
                    check=True, stdout=subprocess.DEVNULL)
     written = json.loads(report.read_text())
     bench, = written["benchmarks"]
@@ -167,10 +168,94 @@ def test_measure_alternates_rounds_with_the_partner(tmp_path):
                    check=True, stdout=subprocess.DEVNULL)
     paired = bench["extra_info"]["paired"]
     assert paired["partner"] == "torch"
-    # pairs of about 10 ms: PAIRED_BUDGET_S (6 s) holds more than MAX_ROUNDS (100) of them
-    assert paired["rounds"] == bench["stats"]["rounds"] == 100
+    # pairs of about 10 ms: PAIRED_BUDGET_S (6 s) holds more than MAX_ROUNDS (100) of them;
+    # PYATTN_BENCH_STEADY_S=0 adds none for steadiness
+    assert paired["rounds"] == bench["stats"]["rounds"] == 100 and paired["added"] == 0
     # sleeps of 8 ms against 2 ms: the ratio is about 4 whatever the scheduler adds
     assert 2.0 < paired["speedup_q1"] <= paired["speedup"] <= paired["speedup_q3"] < 5.0
+
+
+def _bench_conftest():
+    path = os.path.join(REPO, "benchmarks", "conftest.py")
+    spec = importlib.util.spec_from_file_location("bench_conftest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _FakePairs:
+    """Pairs on a clock that only their calls move: pyattn's call takes 1 s,
+    the partner's the next of ``partner_s``; ``calls`` logs their order. Starts
+    with the pairs a fixture's pedantic rounds would have left."""
+
+    def __init__(self, done_partner_s, partner_s):
+        self.now, self.partner_s, self.calls = 0.0, list(partner_s), []
+        self.stats = type("Stats", (), {})()
+        self.stats.data = [1.0] * len(done_partner_s)
+        self.partner_times = list(done_partner_s)
+
+    def clock(self):
+        return self.now
+
+    def fn(self):
+        self.calls.append("F")
+        self.now += 1.0
+
+    def timed_partner(self):
+        self.calls.append("P")
+        seconds = self.partner_s.pop(0)
+        self.partner_times.append(seconds)
+        self.now += seconds
+
+    def update(self, seconds):
+        self.stats.data.append(seconds)
+
+    def add(self, conftest):
+        return conftest.add_pairs_until_steady(self.fn, self.timed_partner, self,
+                                               self.partner_times, clock=self.clock)
+
+    def ratios(self):
+        return [p / o for p, o in zip(self.partner_times, self.stats.data)]
+
+
+def test_is_steady_needs_an_interval_under_a_tenth_of_the_median():
+    conftest = _bench_conftest()
+    assert conftest.is_steady([2.0] * 9)
+    assert not conftest.is_steady([2.0] * 5)  # too few pairs for a 95% interval
+    assert not conftest.is_steady([1.0, 3.0] * 10)
+    # 100 pairs within +-4% of 2: the interval lies inside that
+    assert conftest.is_steady([2.0 + 0.08 * ((i * 37) % 21 - 10) / 10 for i in range(100)])
+
+
+def test_pairs_are_added_until_steady_in_the_same_order(monkeypatch):
+    """A row whose 9 pairs disagree (ratios 1 and 3) gets pairs added, partner
+    before pyattn in even rounds and after it in odd ones as in the pedantic
+    rounds, and stops at the first steady count."""
+    conftest = _bench_conftest()
+    monkeypatch.setattr(conftest, "STEADY_BUDGET_S", 1000.0)
+    pairs = _FakePairs([1.0, 3.0] * 4 + [1.0], [2.0] * 100)
+    added = pairs.add(conftest)
+    assert added > 0 and len(pairs.stats.data) == len(pairs.partner_times) == 9 + added
+    assert conftest.is_steady(pairs.ratios()) and not conftest.is_steady(pairs.ratios()[:-1])
+    # round 9 (odd) first: pyattn then partner, then round 10: partner then pyattn
+    assert "".join(pairs.calls) == "".join("FP" if r % 2 else "PF" for r in range(9, 9 + added))
+
+
+def test_added_pairs_stop_at_the_time_and_pair_budgets(monkeypatch):
+    conftest = _bench_conftest()
+    monkeypatch.setattr(conftest, "STEADY_BUDGET_S", 20.0)
+    noisy = [1.0, 3.0] * 100  # never steady
+    pairs = _FakePairs(noisy[:9], noisy[9:])
+    added = pairs.add(conftest)
+    costs = [1.0 + seconds for seconds in pairs.partner_times[9:]]
+    assert sum(costs[:-1]) < 20.0 <= sum(costs) and added == len(costs)
+    monkeypatch.setattr(conftest, "STEADY_BUDGET_S", 1000.0)
+    monkeypatch.setattr(conftest, "MAX_PAIRS", 30)
+    pairs = _FakePairs(noisy[:9], noisy[9:])
+    assert pairs.add(conftest) == 21 and len(pairs.stats.data) == 30
+    monkeypatch.setattr(conftest, "STEADY_BUDGET_S", 0.0)
+    pairs = _FakePairs(noisy[:9], noisy[9:])
+    assert pairs.add(conftest) == 0 and pairs.calls == []
 
 
 def test_step_table_reads_pytest_counts(tmp_path):
