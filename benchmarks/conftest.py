@@ -17,6 +17,7 @@ import math
 import os
 import statistics
 import time
+from fractions import Fraction
 
 import pytest
 import torch
@@ -33,12 +34,11 @@ ROUND_BUDGET_S, MAX_ROUNDS, PAIRED_ROUNDS = 0.5, 100, 9
 # `make bench` and gives cases up to 60 ms 100 pairs.
 PAIRED_BUDGET_S = 6.0
 # Then a paired row adds pairs until the 95% interval of its median is
-# narrower than STEADY_WIDTH of it, for at most STEADY_BUDGET_S more seconds
+# narrower than STEADY_WIDTH of it, for about STEADY_BUDGET_S more seconds
 # (PYATTN_BENCH_STEADY_S; 0: none) and MAX_PAIRS pairs in all. In the run of
-# 2026-11-29 48 of 158 rows were wider after 6 s. Judged by the spread of
-# their quartiles, the 100-pair rows of calls under 2 ms (Cora; quartiles
-# 20-60% apart) need 200-500 pairs, a fraction of a second, and most rows of
-# 0.2-6 s pairs 10-60 s more.
+# 2026-11-29 48 of 158 rows were wider after 6 s; 40 rows rerun with this rule
+# took 6 min, Cora's forward rows (calls under 0.2 ms, quartiles 20-60% apart)
+# 1280-2000 pairs in under a second each, and 39 of the 40 ended under 10%.
 STEADY_WIDTH, MAX_PAIRS = 0.10, 2000
 STEADY_BUDGET_S = float(os.environ.get("PYATTN_BENCH_STEADY_S", "60"))
 
@@ -153,13 +153,16 @@ def median_interval(ordered: list, confidence: float = 0.95):
     """Distribution-free confidence interval of the median of sorted values:
     (x_(k), x_(n+1-k)) for the largest k with P(Binomial(n, 1/2) < k) <= (1 -
     confidence) / 2, which covers the median with at least that probability
-    whatever the distribution. None below 6 values (no such k)."""
-    n, tail, k = len(ordered), 0.0, 0
-    while True:  # tail = P(Binomial(n, 1/2) <= k)
-        tail += math.comb(n, k) / 2 ** n
-        if tail > (1 - confidence) / 2:
-            break
+    whatever the distribution. None below 6 values (no such k). In integers
+    (2^n P(Binomial <= k), one binomial coefficient from the last): it runs
+    after every few added pairs, and floats of math.comb took 0.15 s at 2000."""
+    n = len(ordered)
+    limit = math.floor(Fraction((1 - confidence) / 2) * 2 ** n)
+    k, term, tail = 0, 1, 1  # C(n, 0)
+    while tail <= limit:
+        term = term * (n - k) // (k + 1)
         k += 1
+        tail += term
     return (ordered[k - 1], ordered[n - k]) if k >= 1 else None
 
 
@@ -191,7 +194,8 @@ def measure(benchmark, roofline):
     """measure(fn, group, impl, rounds=5, partner=None): time fn and record its
     peak memory. ``rounds`` is a minimum: fast cases run as many rounds as fit
     in ROUND_BUDGET_S (PAIRED_BUDGET_S for paired rows, both sides counted; at
-    most MAX_ROUNDS), so that their median is stable.
+    most MAX_ROUNDS before any pairs added for steadiness, below), so that
+    their median is stable.
 
     ``partner=(name, fn)``, given to pyattn's rows: the PyTorch counterpart the
     issues set the targets against, run (and timed) next to each of fn's
@@ -201,8 +205,8 @@ def measure(benchmark, roofline):
     holds the per-round speedups' median and quartiles (:func:`paired_speedup`),
     the figure RESULTS.md quotes. Where their median's 95% interval is still
     STEADY_WIDTH of it or wider, pairs are added in the same order, timed the
-    same way, until it is narrower or STEADY_BUDGET_S more seconds or MAX_PAIRS
-    pairs are spent (``paired["added"]`` counts them; pyattn's row statistics
+    same way, until it is narrower or about STEADY_BUDGET_S more seconds or
+    MAX_PAIRS pairs are spent (``paired["added"]`` counts them; pyattn's row statistics
     include them). The partner also has its own row (its own test), timed
     alone like every other implementation."""
     def run(fn, group, impl, rounds=5, partner=None, **info):
@@ -256,23 +260,26 @@ def add_pairs_until_steady(fn, timed_partner, stats, partner_times: list,
                            clock=time.perf_counter) -> int:
     """Time more pairs, continuing the P F F P order, into ``stats`` (pyattn's
     rounds) and ``partner_times`` until their ratios are steady (is_steady) or
-    the budget is spent; return how many were added. The check runs every
-    len / 20 pairs: it costs more than a fast pair once pairs number hundreds."""
-    ours, spent, added, next_check = stats.stats.data, 0.0, 0, len(stats.stats.data)
-    while len(ours) < MAX_PAIRS and spent < STEADY_BUDGET_S:
+    the budget is spent (the last pair may overrun it); return how many were
+    added. pyattn's added rounds are timed by ``clock`` (time.perf_counter, as
+    the partner always is), not by --benchmark-timer. The check runs every len / 20 pairs:
+    it costs more than a fast pair once pairs number hundreds. A row stops at
+    its first interval under STEADY_WIDTH, so that interval covers a little
+    less than its nominal 95%."""
+    ours, added, next_check = stats.stats.data, 0, len(stats.stats.data)
+    begin = clock()
+    while len(ours) < MAX_PAIRS and clock() - begin < STEADY_BUDGET_S:
         if len(ours) >= next_check:
             if is_steady([p / o for p, o in zip(partner_times, ours)]):
                 break
             next_check = len(ours) + max(1, len(ours) // 20)
         partner_first = len(ours) % 2 == 0
-        start = clock()
         if partner_first:
             timed_partner()
-        fn_start = clock()
+        start = clock()
         fn()
-        stats.update(clock() - fn_start)
+        stats.update(clock() - start)
         if not partner_first:
             timed_partner()
-        spent += clock() - start
         added += 1
     return added

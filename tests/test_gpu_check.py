@@ -63,11 +63,16 @@ def test_paired_speedup_is_the_median_of_per_round_ratios():
     assert paired_speedup([1.0] * 9, ratios)["speedup_ci95"] == [1.0, 1.6]
 
 
-def test_median_interval_matches_the_binomial_order_statistics():
-    spec = importlib.util.spec_from_file_location(
-        "benchmarks_conftest", os.path.join(REPO, "benchmarks", "conftest.py"))
+def _bench_conftest():
+    path = os.path.join(REPO, "benchmarks", "conftest.py")
+    spec = importlib.util.spec_from_file_location("bench_conftest", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_median_interval_matches_the_binomial_order_statistics():
+    module = _bench_conftest()
     # textbook ranks of the distribution-free 95% interval of the median
     for n, (low, high) in {6: (1, 6), 9: (2, 8), 20: (6, 15), 100: (40, 61)}.items():
         assert module.median_interval(list(range(1, n + 1))) == (low, high)
@@ -175,14 +180,6 @@ def test_measure_alternates_rounds_with_the_partner(tmp_path):
     assert 2.0 < paired["speedup_q1"] <= paired["speedup"] <= paired["speedup_q3"] < 5.0
 
 
-def _bench_conftest():
-    path = os.path.join(REPO, "benchmarks", "conftest.py")
-    spec = importlib.util.spec_from_file_location("bench_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class _FakePairs:
     """Pairs on a clock that only their calls move: pyattn's call takes 1 s,
     the partner's the next of ``partner_s``; ``calls`` logs their order. Starts
@@ -223,8 +220,12 @@ def test_is_steady_needs_an_interval_under_a_tenth_of_the_median():
     assert conftest.is_steady([2.0] * 9)
     assert not conftest.is_steady([2.0] * 5)  # too few pairs for a 95% interval
     assert not conftest.is_steady([1.0, 3.0] * 10)
-    # 100 pairs within +-4% of 2: the interval lies inside that
-    assert conftest.is_steady([2.0 + 0.08 * ((i * 37) % 21 - 10) / 10 for i in range(100)])
+
+    def spread(half_range):  # 100 ratios evenly over 2 +- half_range, shuffled
+        return [2.0 + half_range * (2 * ((i * 37) % 100) / 99 - 1) for i in range(100)]
+    # the interval is the 40th to 61st of 100: 21 / 99 of the range wide
+    assert conftest.is_steady(spread(0.38))  # 0.161, 8% of 2
+    assert not conftest.is_steady(spread(0.56))  # 0.238, 12% of 2
 
 
 def test_pairs_are_added_until_steady_in_the_same_order(monkeypatch):
@@ -256,6 +257,25 @@ def test_added_pairs_stop_at_the_time_and_pair_budgets(monkeypatch):
     monkeypatch.setattr(conftest, "STEADY_BUDGET_S", 0.0)
     pairs = _FakePairs(noisy[:9], noisy[9:])
     assert pairs.add(conftest) == 0 and pairs.calls == []
+
+
+def test_measure_adds_pairs_while_unsteady(tmp_path):
+    """The real fixture with no interval ever narrow enough (STEADY_WIDTH 0):
+    pairs are added, in the same order, for PYATTN_BENCH_STEADY_S, and they
+    are in pyattn's row statistics and in the paired figures."""
+    (tmp_path / "bench_pair.py").write_text(
+        "import conftest\nconftest.STEADY_WIDTH = 0.0\n" + PAIRED_BENCH_FILE)
+    report = tmp_path / "report.json"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
+                    "conftest", "bench_pair.py", f"--benchmark-json={report}"], cwd=tmp_path,
+                   env=dict(os.environ, PYTHONPATH=os.path.join(REPO, "benchmarks"),
+                            PYATTN_BENCH_STEADY_S="0.3"),
+                   check=True, stdout=subprocess.DEVNULL)
+    bench, = json.loads(report.read_text())["benchmarks"]
+    paired = bench["extra_info"]["paired"]
+    # pairs of about 10 ms: 0.3 s adds some 30
+    assert 5 <= paired["added"] <= 60
+    assert bench["stats"]["rounds"] == paired["rounds"] == 100 + paired["added"]
 
 
 def test_step_table_reads_pytest_counts(tmp_path):
