@@ -145,18 +145,24 @@ def test_pair(measure, benchmark):
 """
 
 
-def test_measure_alternates_rounds_with_the_partner(tmp_path):
-    """The real fixture (benchmarks/conftest.py): the partner runs next to each
-    of pyattn's rounds, before and after in turn, as many as PAIRED_BUDGET_S
-    holds (at most MAX_ROUNDS), and the speedup is theirs."""
-    (tmp_path / "bench_pair.py").write_text(PAIRED_BENCH_FILE)
+def _run_paired_bench(tmp_path, text: str, steady_s: str) -> dict:
+    """Run a benchmark file with the real fixture (benchmarks/conftest.py as a
+    plugin) and PYATTN_BENCH_STEADY_S; return the JSON report."""
+    (tmp_path / "bench_pair.py").write_text(text)
     report = tmp_path / "report.json"
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
                     "conftest", "bench_pair.py", f"--benchmark-json={report}"], cwd=tmp_path,
                    env=dict(os.environ, PYTHONPATH=os.path.join(REPO, "benchmarks"),
-                            PYATTN_BENCH_STEADY_S="0"),
+                            PYATTN_BENCH_STEADY_S=steady_s),
                    check=True, stdout=subprocess.DEVNULL)
-    written = json.loads(report.read_text())
+    return json.loads(report.read_text())
+
+
+def test_measure_alternates_rounds_with_the_partner(tmp_path):
+    """The real fixture (benchmarks/conftest.py): the partner runs next to each
+    of pyattn's rounds, before and after in turn, as many as PAIRED_BUDGET_S
+    holds (at most MAX_ROUNDS), and the speedup is theirs."""
+    written = _run_paired_bench(tmp_path, PAIRED_BENCH_FILE, steady_s="0")
     bench, = written["benchmarks"]
     # the roofline measured at the start and again after the last benchmark, each rate the better
     roofline = written["machine_info"]["roofline"]
@@ -263,15 +269,10 @@ def test_measure_adds_pairs_while_unsteady(tmp_path):
     """The real fixture with no interval ever narrow enough (STEADY_WIDTH 0):
     pairs are added, in the same order, for PYATTN_BENCH_STEADY_S, and they
     are in pyattn's row statistics and in the paired figures."""
-    (tmp_path / "bench_pair.py").write_text(
-        "import conftest\nconftest.STEADY_WIDTH = 0.0\n" + PAIRED_BENCH_FILE)
-    report = tmp_path / "report.json"
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
-                    "conftest", "bench_pair.py", f"--benchmark-json={report}"], cwd=tmp_path,
-                   env=dict(os.environ, PYTHONPATH=os.path.join(REPO, "benchmarks"),
-                            PYATTN_BENCH_STEADY_S="0.3"),
-                   check=True, stdout=subprocess.DEVNULL)
-    bench, = json.loads(report.read_text())["benchmarks"]
+    written = _run_paired_bench(
+        tmp_path, "import conftest\nconftest.STEADY_WIDTH = 0.0\n" + PAIRED_BENCH_FILE,
+        steady_s="0.3")
+    bench, = written["benchmarks"]
     paired = bench["extra_info"]["paired"]
     # pairs of about 10 ms: 0.3 s adds some 30
     assert 5 <= paired["added"] <= 60
