@@ -155,7 +155,7 @@ def median_interval(ordered: list, confidence: float = 0.95):
     confidence) / 2, which covers the median with at least that probability
     whatever the distribution. None below 6 values (no such k). In integers
     (2^n P(Binomial <= k), one binomial coefficient from the last): it runs
-    after every few added pairs, and floats of math.comb took 0.15 s at 2000."""
+    after every few added pairs, and floats of math.comb took 78 ms at 2000."""
     n = len(ordered)
     limit = math.floor(Fraction((1 - confidence) / 2) * 2 ** n)
     k, term, tail = 0, 1, 1  # C(n, 0)

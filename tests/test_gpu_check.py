@@ -43,13 +43,17 @@ def test_benchmark_table_sets_rates_against_the_roofline():
     assert rows[3] == "| attn | pyattn | 1.00 |  | 100,000.0 GFLOP/s | 0.5 |"
 
 
-def test_paired_speedup_is_the_median_of_per_round_ratios():
-    # benchmarks/conftest.py under another name: tests/ has a conftest of its own
-    spec = importlib.util.spec_from_file_location(
-        "benchmarks_conftest", os.path.join(REPO, "benchmarks", "conftest.py"))
+def _bench_conftest():
+    """benchmarks/conftest.py under another name: tests/ has a conftest of its own."""
+    path = os.path.join(REPO, "benchmarks", "conftest.py")
+    spec = importlib.util.spec_from_file_location("bench_conftest", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    paired_speedup = module.paired_speedup
+    return module
+
+
+def test_paired_speedup_is_the_median_of_per_round_ratios():
+    paired_speedup = _bench_conftest().paired_speedup
     # rounds 2 and 4 ran on a slowed host (both sides alike): their ratios stay 2
     ours, partners = [1.0, 3.0, 1.0, 3.0, 1.0], [2.0, 6.0, 2.2, 6.0, 1.6]
     paired = paired_speedup(ours, partners)
@@ -61,14 +65,6 @@ def test_paired_speedup_is_the_median_of_per_round_ratios():
     # 9 pairs: the 2nd and 8th smallest ratios (coverage 1 - 2 * 10 / 512 = 96%)
     ratios = [1.0, 1.9, 1.4, 1.5, 1.6, 0.5, 1.3, 1.2, 1.1]
     assert paired_speedup([1.0] * 9, ratios)["speedup_ci95"] == [1.0, 1.6]
-
-
-def _bench_conftest():
-    path = os.path.join(REPO, "benchmarks", "conftest.py")
-    spec = importlib.util.spec_from_file_location("bench_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_median_interval_matches_the_binomial_order_statistics():
