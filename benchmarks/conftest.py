@@ -40,7 +40,23 @@ PAIRED_BUDGET_S = 6.0
 # took 6 min, Cora's forward rows (calls under 0.2 ms, quartiles 20-60% apart)
 # 1280-2000 pairs in under a second each, and 39 of the 40 ended under 10%.
 STEADY_WIDTH, MAX_PAIRS = 0.10, 2000
-STEADY_BUDGET_S = float(os.environ.get("PYATTN_BENCH_STEADY_S", "60"))
+
+
+def steady_budget_s(environ=os.environ) -> float:
+    """PYATTN_BENCH_STEADY_S as seconds (60 unset); a value that is not a
+    non-negative number stops the run with an error that names the variable."""
+    text = environ.get("PYATTN_BENCH_STEADY_S", "60")
+    error = f"PYATTN_BENCH_STEADY_S must be a number of seconds >= 0, got {text!r}"
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError(error) from None
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(error)
+    return seconds
+
+
+STEADY_BUDGET_S = steady_budget_s()
 
 
 def synchronized(fn):

@@ -70,11 +70,13 @@ def format_rate(info: dict, median_s: float, roofline: dict) -> str:
 
 def format_paired(paired: dict) -> str:
     """A paired speedup (benchmarks/conftest.py): median [quartiles] over its
-    rounds, flagged where the quartiles lie 10% of the median or more apart,
-    then the median's 95% confidence interval where the run recorded one."""
+    rounds (and how many of them were added for steadiness), flagged where the
+    quartiles lie 10% of the median or more apart, then the median's 95%
+    confidence interval where the run recorded one."""
     spread = (paired["speedup_q3"] - paired["speedup_q1"]) / paired["speedup"]
+    added = f", {paired['added']} added" if paired.get("added") else ""
     text = (f"**{paired['speedup']:.2f}x** [{paired['speedup_q1']:.2f}-"
-            f"{paired['speedup_q3']:.2f}] in {paired['rounds']} pairs "
+            f"{paired['speedup_q3']:.2f}] in {paired['rounds']} pairs{added} "
             f"({paired['partner_median_s'] * 1e3:.2f} / {paired['median_s'] * 1e3:.2f} ms)")
     text += f", spread {100 * spread:.0f}%" if spread >= SPREAD_FLAG else ""
     interval = paired.get("speedup_ci95")

@@ -92,6 +92,8 @@ def test_benchmark_table_quotes_the_paired_speedup():
     paired.update(speedup_ci95=[1.42, 1.61])  # reports older than this field have none
     assert summarize.benchmark_table(report)[5].endswith(
         "(30.00 / 20.00 ms), median 1.42-1.61 (95%) |  |  |")
+    paired.update(rounds=40, added=31)  # pairs added until steady (conftest)
+    assert "**1.50x** [1.45-1.55] in 40 pairs, 31 added (30.00" in summarize.benchmark_table(report)[5]
 
 
 
@@ -242,6 +244,16 @@ def test_pairs_are_added_until_steady_in_the_same_order(monkeypatch):
     assert conftest.is_steady(pairs.ratios()) and not conftest.is_steady(pairs.ratios()[:-1])
     # round 9 (odd) first: pyattn then partner, then round 10: partner then pyattn
     assert "".join(pairs.calls) == "".join("FP" if r % 2 else "PF" for r in range(9, 9 + added))
+
+
+def test_steady_budget_names_its_variable_when_it_is_not_seconds():
+    conftest = _bench_conftest()
+    assert conftest.steady_budget_s({}) == 60.0
+    assert conftest.steady_budget_s({"PYATTN_BENCH_STEADY_S": "0"}) == 0.0
+    assert conftest.steady_budget_s({"PYATTN_BENCH_STEADY_S": "2.5"}) == 2.5
+    for bad in ("sixty", "", "-1", "nan", "inf"):
+        with pytest.raises(ValueError, match="PYATTN_BENCH_STEADY_S must be a number"):
+            conftest.steady_budget_s({"PYATTN_BENCH_STEADY_S": bad})
 
 
 def test_added_pairs_stop_at_the_time_and_pair_budgets(monkeypatch):
