@@ -488,6 +488,109 @@ at::Tensor padded_conv2d_forward(const ConvBackend& backend, const at::Tensor& i
   return in_input_layout(out, input);
 }
 
+// ---- Input gradient at stride 1 as a forward convolution ------------------
+// At stride 1 the gradient of the padded input is grad_output correlated with
+// the kernel flipped and its channel axes swapped, over grad_output padded by
+// d*(k-1) zeros on each side. That runs on the forward's direct kernel, which
+// is faster than im2col's GEMM + col2im where it applies (RESULTS.md).
+
+// (C_out, C_in / G, KH, KW) -> the transposed convolution's (C_in, C_out / G, KH, KW), flipped.
+at::Tensor flipped_transposed_weight(const at::Tensor& weight, int64_t groups) {
+  const int64_t out_per_group = weight.size(0) / groups, in_per_group = weight.size(1);
+  return weight.view({groups, out_per_group, in_per_group, weight.size(2), weight.size(3)})
+      .transpose(1, 2)
+      .flip({3, 4})
+      .reshape({groups * in_per_group, out_per_group, weight.size(2), weight.size(3)})
+      .contiguous();
+}
+
+// That convolution's axis over grad_output, its output cut by `cut_before` /
+// `cut_after` positions from the padded input's extent.
+Axis transposed_axis(const Axis& a, int64_t cut_before, int64_t cut_after) {
+  const int64_t reach = a.dilation * (a.kernel - 1);
+  Axis t{a.out_size, 0, reach - cut_before, reach - cut_after, a.kernel, 1, a.dilation};
+  t.out_size = conv_out_size(t.size, t.pad_before, t.pad_after, t.kernel, 1, t.dilation);
+  return t;
+}
+
+// Adds each position of `padded`, the gradient of the padded input (b, C,
+// H + pads, W + pads), into the element it was read from (source_index), giving
+// `grad_input` (b, C, H, W), overwritten. Zeros mode drops the border.
+void fold_padded_gradient(const at::Tensor& padded, const ConvGeometry& g,
+                          const at::Tensor& grad_input) {
+  const Axis& h = g.h;
+  const Axis& w = g.w;
+  const at::Tensor rows = padded.narrow(3, w.pad_before, w.size).clone();
+  for (int64_t j = -w.pad_before; j < w.size + w.pad_after; ++j) {
+    const int64_t source = source_index(j, w.size, g.mode);
+    if (j >= 0 && j < w.size) continue;
+    if (source >= 0) rows.select(3, source).add_(padded.select(3, j + w.pad_before));
+  }
+  grad_input.copy_(rows.narrow(2, h.pad_before, h.size));
+  for (int64_t i = -h.pad_before; i < h.size + h.pad_after; ++i) {
+    const int64_t source = source_index(i, h.size, g.mode);
+    if (i >= 0 && i < h.size) continue;
+    if (source >= 0) grad_input.select(2, source).add_(rows.select(2, i + h.pad_before));
+  }
+}
+
+// The transposed convolution that gives the input gradient at stride 1 on
+// the direct forward kernel. `folded`: it computes the padded input's gradient
+// (every padded mode, and zeros padding beyond the kernel's reach), which
+// fold_padded_gradient then adds up; otherwise it writes the input gradient.
+struct TransposedForward {
+  ConvProblem problem;
+  bool folded;
+};
+
+c10::optional<TransposedForward> grad_input_as_forward(const ConvBackend& backend,
+                                                       const ConvProblem& p,
+                                                       at::ScalarType dtype) {
+  const ConvGeometry& g = p.geometry;
+  if (!backend.gemm_per_thread || g.h.stride != 1 || g.w.stride != 1) return c10::nullopt;
+  const auto within_reach = [](const Axis& a) {
+    return std::max(a.pad_before, a.pad_after) <= a.dilation * (a.kernel - 1);
+  };
+  const bool folded = g.mode != PadMode::Zeros || !within_reach(g.h) || !within_reach(g.w);
+  const Axis th = folded ? transposed_axis(g.h, 0, 0)
+                         : transposed_axis(g.h, g.h.pad_before, g.h.pad_after);
+  const Axis tw = folded ? transposed_axis(g.w, 0, 0)
+                         : transposed_axis(g.w, g.w.pad_before, g.w.pad_after);
+  const TransposedForward t{
+      ConvProblem{ConvGeometry{p.out_channels, th, tw, PadMode::Zeros}, p.batch, g.channels,
+                  p.groups},
+      folded};
+  if (!uses_direct_forward(backend, t.problem, dtype)) return c10::nullopt;
+  return t;
+}
+
+// Runs `t` on grad_output (b, C_out, Ho, Wo), contiguous, into grad_input. The
+// padded input's gradient is made a chunk of samples at a time (at most 32 MiB).
+void grad_input_by_forward(const ConvBackend& backend, const ConvProblem& p,
+                           const TransposedForward& t, const at::Tensor& go,
+                           const at::Tensor& weight, const at::Tensor& grad_input) {
+  const ConvGeometry& g = p.geometry;
+  const ConvGeometry& tg = t.problem.geometry;
+  TORCH_INTERNAL_ASSERT(t.folded ? tg.h.out_size == g.h.size + g.h.pad_before + g.h.pad_after &&
+                                       tg.w.out_size == g.w.size + g.w.pad_before + g.w.pad_after
+                                 : tg.h.out_size == g.h.size && tg.w.out_size == g.w.size);
+  const at::Tensor w = flipped_transposed_weight(weight, p.groups);
+  if (!t.folded) {
+    backend.direct_forward(go, w, tg, p.groups, grad_input);
+    return;
+  }
+  const int64_t sample_bytes = g.channels * tg.out_plane() * go.element_size();
+  const int64_t samples = std::max<int64_t>(1, (int64_t(32) << 20) / sample_bytes);
+  const at::Tensor padded = at::empty(
+      {std::min(samples, p.batch), g.channels, tg.h.out_size, tg.w.out_size}, go.options());
+  for (int64_t n0 = 0; n0 < p.batch; n0 += samples) {
+    const int64_t count = std::min(samples, p.batch - n0);
+    const at::Tensor chunk = padded.narrow(0, 0, count);
+    backend.direct_forward(go.narrow(0, n0, count), w, tg, p.groups, chunk);
+    fold_padded_gradient(chunk, g, grad_input.narrow(0, n0, count));
+  }
+}
+
 at::Tensor padded_conv2d_grad_input(const ConvBackend& backend, const at::Tensor& grad_output,
                                     const at::Tensor& input, const at::Tensor& weight,
                                     at::IntArrayRef stride, at::IntArrayRef padding,
@@ -512,6 +615,12 @@ at::Tensor padded_conv2d_grad_input(const ConvBackend& backend, const at::Tensor
   if (uses_direct_grad_input(backend, p, input.scalar_type())) {
     backend.direct_grad_input(go.view({p.batch, p.out_channels, g.h.out_size, g.w.out_size}),
                               weight.contiguous(), g, groups, grad_input);
+    return in_input_layout(grad_input, input);
+  }
+  if (const auto t = grad_input_as_forward(backend, p, input.scalar_type())) {
+    grad_input_by_forward(backend, p, *t,
+                          go.view({p.batch, p.out_channels, g.h.out_size, g.w.out_size}),
+                          weight.contiguous(), grad_input);
     return in_input_layout(grad_input, input);
   }
   if (!backend.gemm_per_thread) {
@@ -600,17 +709,24 @@ LaunchPlan plan_batched(std::string_view which, const at::Tensor& input, const a
   return make_plan(which, p, input.scalar_type(), has_bias);
 }
 
-bool kernel_is_direct(const ConvBackend& backend, std::string_view which, const at::Tensor& input,
-                      const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-                      at::IntArrayRef dilation, int64_t groups, std::string_view padding_mode) {
+std::string kernel_path(const ConvBackend& backend, std::string_view which,
+                        const at::Tensor& input, const at::Tensor& weight,
+                        at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, int64_t groups, std::string_view padding_mode) {
+  TORCH_CHECK_VALUE(which == "forward" || which == "grad_input" || which == "grad_weight",
+                    "padded_conv2d_cpu_path: `which` must be 'forward', 'grad_input' or "
+                    "'grad_weight', got '", which, "'");
   const ConvProblem p = check_problem("padded_conv2d", backend, input, weight, stride, padding,
                                       dilation, groups, padding_mode);
-  if (is_empty_problem(p)) return false;
-  if (which == "forward") return uses_direct_forward(backend, p, input.scalar_type());
-  if (which == "grad_input") return uses_direct_grad_input(backend, p, input.scalar_type());
-  TORCH_CHECK_VALUE(which == "grad_weight", "padded_conv2d_cpu_path: `which` must be 'forward', "
-                    "'grad_input' or 'grad_weight', got '", which, "'");
-  return uses_direct_grad_weight(backend, p, input.scalar_type());
+  const at::ScalarType dtype = input.scalar_type();
+  if (is_empty_problem(p)) return "gemm";
+  if (which == "forward") return uses_direct_forward(backend, p, dtype) ? "direct" : "gemm";
+  if (which == "grad_weight") return uses_direct_grad_weight(backend, p, dtype) ? "direct" : "gemm";
+  if (uses_direct_grad_input(backend, p, dtype)) return "direct";
+  if (const auto t = grad_input_as_forward(backend, p, dtype)) {
+    return t->folded ? "transposed_forward_folded" : "transposed_forward";
+  }
+  return "gemm";
 }
 
 // [chunk, chunks, launches, GEMM launches] of the batched path (what the CUDA

@@ -207,9 +207,12 @@ _HAS_AVX512F = _cpu_has_avx512f()
 
 
 def _cpu_path(which, x, w, stride, padding, dilation, groups, mode):
-    """'direct' or 'gemm': the kernel the CPU forward / weight gradient takes."""
+    """The kernel a CPU pass takes: 'direct', 'gemm', or for the input gradient
+    'transposed_forward' / 'transposed_forward_folded'. `padding` as the op's:
+    an int, (h, w) or (top, bottom, left, right)."""
     pair = lambda v: list(v) if isinstance(v, tuple) else [v, v]
-    pads = list(padding) if isinstance(padding, tuple) else [padding] * 4
+    pads = list(padding) if isinstance(padding, tuple) and len(padding) == 4 else \
+        [p for p in pair(padding) for _ in range(2)]
     return torch.ops.pyattn.padded_conv2d_cpu_path(
         which, x, w, pair(stride), pads, pair(dilation), groups, mode)
 
@@ -253,12 +256,17 @@ def test_direct_kernels(dtype, mode, shape):
     _check(x, w, torch.randn(c_out, dtype=dtype), stride, padding, dilation, groups, mode)
 
 
-# (forward, grad input, grad weight) where one condition fails.
+# (forward, grad input, grad weight) where one condition fails. At stride 1 an
+# input gradient the direct kernel does not take runs as the forward of the
+# transposed convolution where that one is direct (its 32 / 16 outputs).
+FOLDED = "transposed_forward_folded"
+
+
 @pytest.mark.parametrize("c_in, c_out, size, stride, paths", [
     (3, 32, 12, 1, ("gemm", "gemm", "direct")),     # 27 terms per output; 3 input channels
-    (32, 8, 12, 1, ("gemm", "gemm", "gemm")),       # 8 output channels: half a float vector
+    (32, 8, 12, 1, ("gemm", FOLDED, "gemm")),       # 8 output channels: half a float vector
     (32, 32, 12, 3, ("gemm", "direct", "gemm")),    # width stride 3 (grad input: any stride)
-    (16, 16, 200, 1, ("direct", "gemm", "direct")),  # grad input packs 2.6 MB per sample
+    (16, 16, 200, 1, ("direct", FOLDED, "direct")),  # grad input packs 2.6 MB per sample
 ])
 def test_direct_kernels_where_they_apply(c_in, c_out, size, stride, paths):
     if not _HAS_AVX512F:
@@ -268,6 +276,39 @@ def test_direct_kernels_where_they_apply(c_in, c_out, size, stride, paths):
     for which, path in zip(("forward", "grad_input", "grad_weight"), paths):
         assert _cpu_path(which, x, w, stride, 1, 1, 1, "reflect") == path, which
     _check(x, w, None, stride, 1, 1, 1, "reflect")
+
+
+# The input gradient at stride 1 as the forward of the transposed convolution
+# (flipped kernel, channel axes swapped): (batch, C_in, C_out, H, W, kernel,
+# padding, dilation, groups). Every shape packs more than the direct input
+# gradient's 1 MiB a sample. Zeros padding within the kernel's reach writes the
+# gradient directly; the padded modes, and zeros padding beyond the reach
+# (3 > 3 - 1), compute the padded input's gradient and fold its border back.
+# Asymmetric padding, groups 2, dilation 2, a 5 x 5 kernel; 13 samples of 16 x
+# 202 x 202 take two chunks of 32 MiB.
+TRANSPOSED_SHAPES = [
+    (2, 16, 24, 130, 130, 3, 1, 1, 1),
+    (1, 32, 16, 90, 100, 3, (2, 0, 1, 2), 1, 2),
+    (1, 16, 16, 126, 128, 3, 2, 2, 1),
+    (1, 32, 32, 80, 100, 5, (3, 1), 1, 1),
+    (1, 16, 16, 128, 128, 3, 3, 1, 1),
+    (13, 16, 16, 200, 200, 3, 1, 1, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", TRANSPOSED_SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
+def test_grad_input_as_transposed_forward(dtype, mode, shape):
+    batch, c_in, c_out, height, width, kernel, padding, dilation, groups = shape
+    x = torch.randn(batch, c_in, height, width, dtype=dtype)
+    w = torch.randn(c_out, c_in // groups, kernel, kernel, dtype=dtype)
+    if not _HAS_AVX512F:
+        pytest.skip("the direct CPU kernels need AVX-512")
+    most = max(padding) if isinstance(padding, tuple) else padding
+    want = FOLDED if mode != "zeros" or most > dilation * (kernel - 1) else "transposed_forward"
+    assert _cpu_path("grad_input", x, w, 1, padding, dilation, groups, mode) == want
+    _check(x, w, None, 1, padding, dilation, groups, mode)
 
 
 def test_direct_forward_packs_rows_not_a_padded_copy():
@@ -331,13 +372,19 @@ def _assert_bitwise_same_across_thread_counts(grad_input, grad_weight):
     # input put 3 (stride 1) or 8 (stride 2) samples in one GEMM. Then Net1's
     # first layer (3 -> 32 channels, 32 x 32, padding 2, batch 200), whose
     # weight gradient through MKL differed between 1 and 2 threads; last a
-    # layer whose forward takes the direct kernel (where AVX-512 is present).
+    # layer whose forward takes the direct kernel (where AVX-512 is present),
+    # and one whose input gradient is the transposed convolution's direct
+    # forward, folded (16 x 132 x 132 floats per sample: over the direct
+    # input gradient's 1 MiB).
     gen = torch.Generator().manual_seed(0)
     small = torch.randn(70, 8, 15, 15, generator=gen), torch.randn(8, 8, 3, 3, generator=gen)
     net1 = torch.randn(200, 3, 32, 32, generator=gen), torch.randn(32, 3, 3, 3, generator=gen)
     direct = torch.randn(9, 32, 20, 20, generator=gen), torch.randn(32, 32, 3, 3, generator=gen)
+    transposed = torch.randn(3, 16, 130, 130, generator=gen), torch.randn(16, 16, 3, 3,
+                                                                           generator=gen)
     threads = torch.get_num_threads()
-    for (x, w), stride, pad in [(small, 1, 1), (small, 2, 1), (net1, 1, 2), (direct, 2, 2)]:
+    for (x, w), stride, pad in [(small, 1, 1), (small, 2, 1), (net1, 1, 2), (direct, 2, 2),
+                                (transposed, 1, 1)]:
         args = ([stride, stride], [pad] * 4, [1, 1], 1, "circular")
         grad = torch.randn(torch.ops.pyattn.padded_conv2d(x, w, None, *args).shape, generator=gen)
         results = []

@@ -665,8 +665,8 @@ TORCH_LIBRARY_FRAGMENT(pyattn, m) {
         [](c10::string_view which, const at::Tensor& input, const at::Tensor& weight,
            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
            int64_t groups, c10::string_view padding_mode) -> std::string {
-          return kernel_is_direct(kCpu, which, input, weight, stride, padding, dilation, groups,
-                                  padding_mode) ? "direct" : "gemm";
+          return kernel_path(kCpu, which, input, weight, stride, padding, dilation, groups,
+                             padding_mode);
         });
   m.def("padded_conv2d_batched_cpu_twin(str which, Tensor? grad_output, Tensor input, "
         "Tensor weight, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, "

@@ -71,11 +71,14 @@ LaunchPlan plan_batched(std::string_view which, const at::Tensor& input, const a
                         bool has_bias, at::IntArrayRef stride, at::IntArrayRef padding,
                         at::IntArrayRef dilation, int64_t groups, std::string_view padding_mode);
 
-// Whether `which` ("forward", "grad_input" or "grad_weight") on `backend` takes its direct
-// kernel (tests use it to know which path their shapes exercise).
-bool kernel_is_direct(const ConvBackend& backend, std::string_view which, const at::Tensor& input,
-                      const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-                      at::IntArrayRef dilation, int64_t groups, std::string_view padding_mode);
+// The kernel `which` ("forward", "grad_input" or "grad_weight") takes on `backend`:
+// "direct", "gemm", or for the input gradient at stride 1 "transposed_forward"
+// (the direct forward kernel) or "transposed_forward_folded" (the same, on the
+// padded input, then folded). Tests use it to know which path their shapes exercise.
+std::string kernel_path(const ConvBackend& backend, std::string_view which,
+                        const at::Tensor& input, const at::Tensor& weight,
+                        at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, int64_t groups, std::string_view padding_mode);
 
 at::Tensor padded_conv2d_forward(const ConvBackend& backend, const at::Tensor& input,
                                  const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
