@@ -514,24 +514,29 @@ Axis transposed_axis(const Axis& a, int64_t cut_before, int64_t cut_after) {
 }
 
 // Adds each position of `padded`, the gradient of the padded input (b, C,
-// H + pads, W + pads), into the element it was read from (source_index), giving
-// `grad_input` (b, C, H, W), overwritten. Zeros mode drops the border.
+// H + pads, W + pads), into the element it was read from (source_index), in
+// place (border columns into interior columns over every row, then border rows
+// into interior rows: sources are always interior), then copies the interior
+// into `grad_input` (b, C, H, W). Zeros mode drops the border.
 void fold_padded_gradient(const at::Tensor& padded, const ConvGeometry& g,
                           const at::Tensor& grad_input) {
   const Axis& h = g.h;
   const Axis& w = g.w;
-  const at::Tensor rows = padded.narrow(3, w.pad_before, w.size).clone();
   for (int64_t j = -w.pad_before; j < w.size + w.pad_after; ++j) {
     const int64_t source = source_index(j, w.size, g.mode);
     if (j >= 0 && j < w.size) continue;
-    if (source >= 0) rows.select(3, source).add_(padded.select(3, j + w.pad_before));
+    if (source >= 0) {
+      padded.select(3, source + w.pad_before).add_(padded.select(3, j + w.pad_before));
+    }
   }
-  grad_input.copy_(rows.narrow(2, h.pad_before, h.size));
   for (int64_t i = -h.pad_before; i < h.size + h.pad_after; ++i) {
     const int64_t source = source_index(i, h.size, g.mode);
     if (i >= 0 && i < h.size) continue;
-    if (source >= 0) grad_input.select(2, source).add_(rows.select(2, i + h.pad_before));
+    if (source >= 0) {
+      padded.select(2, source + h.pad_before).add_(padded.select(2, i + h.pad_before));
+    }
   }
+  grad_input.copy_(padded.narrow(2, h.pad_before, h.size).narrow(3, w.pad_before, w.size));
 }
 
 // The transposed convolution that gives the input gradient at stride 1 on
