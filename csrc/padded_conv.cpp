@@ -522,18 +522,24 @@ void fold_padded_gradient(const at::Tensor& padded, const ConvGeometry& g,
                           const at::Tensor& grad_input) {
   const Axis& h = g.h;
   const Axis& w = g.w;
+  // The in-place order needs interior sources: check_axis_padding's limits
+  // (reflect pad < size, circular pad <= size) give them.
   for (int64_t j = -w.pad_before; j < w.size + w.pad_after; ++j) {
     const int64_t source = source_index(j, w.size, g.mode);
     if (j >= 0 && j < w.size) continue;
+    TORCH_INTERNAL_ASSERT(source < w.size);
     if (source >= 0) {
       padded.select(3, source + w.pad_before).add_(padded.select(3, j + w.pad_before));
     }
   }
+  // Border rows' interior columns only: their border columns are folded already.
+  const at::Tensor columns = padded.narrow(3, w.pad_before, w.size);
   for (int64_t i = -h.pad_before; i < h.size + h.pad_after; ++i) {
     const int64_t source = source_index(i, h.size, g.mode);
     if (i >= 0 && i < h.size) continue;
+    TORCH_INTERNAL_ASSERT(source < h.size);
     if (source >= 0) {
-      padded.select(2, source + h.pad_before).add_(padded.select(2, i + h.pad_before));
+      columns.select(2, source + h.pad_before).add_(columns.select(2, i + h.pad_before));
     }
   }
   grad_input.copy_(padded.narrow(2, h.pad_before, h.size).narrow(3, w.pad_before, w.size));
@@ -556,7 +562,10 @@ c10::optional<TransposedForward> grad_input_as_forward(const ConvBackend& backen
   const auto within_reach = [](const Axis& a) {
     return std::max(a.pad_before, a.pad_after) <= a.dilation * (a.kernel - 1);
   };
-  const bool folded = g.mode != PadMode::Zeros || !within_reach(g.h) || !within_reach(g.w);
+  // Without padding every mode reads as zeros does: nothing to fold.
+  const bool has_padding = g.h.pad_before + g.h.pad_after + g.w.pad_before + g.w.pad_after > 0;
+  const bool folded =
+      (g.mode != PadMode::Zeros && has_padding) || !within_reach(g.h) || !within_reach(g.w);
   const Axis th = folded ? transposed_axis(g.h, 0, 0)
                          : transposed_axis(g.h, g.h.pad_before, g.h.pad_after);
   const Axis tw = folded ? transposed_axis(g.w, 0, 0)

@@ -292,8 +292,20 @@ TRANSPOSED_SHAPES = [
     (1, 16, 16, 126, 128, 3, 2, 2, 1),
     (1, 32, 32, 80, 100, 5, (3, 1), 1, 1),
     (1, 16, 16, 128, 128, 3, 3, 1, 1),
+    (1, 16, 16, 128, 128, 3, (3, 0, 1, 1), 1, 1),
+    (1, 16, 16, 120, 140, (3, 5), (1, 2), (1, 2), 1),
     (13, 16, 16, 200, 200, 3, 1, 1, 1),
 ]
+
+
+def _reach_exceeded(kernel, padding, dilation):
+    """Whether some side's zeros padding lies beyond dilation x (kernel - 1)."""
+    pair = lambda v: v if isinstance(v, tuple) else (v, v)
+    (kh, kw), (dh, dw) = pair(kernel), pair(dilation)
+    pads = padding if isinstance(padding, tuple) and len(padding) == 4 else \
+        [p for p in pair(padding) for _ in range(2)]
+    reach = [dh * (kh - 1)] * 2 + [dw * (kw - 1)] * 2
+    return any(p > r for p, r in zip(pads, reach))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -301,14 +313,35 @@ TRANSPOSED_SHAPES = [
 @pytest.mark.parametrize("shape", TRANSPOSED_SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
 def test_grad_input_as_transposed_forward(dtype, mode, shape):
     batch, c_in, c_out, height, width, kernel, padding, dilation, groups = shape
+    kh, kw = kernel if isinstance(kernel, tuple) else (kernel, kernel)
     x = torch.randn(batch, c_in, height, width, dtype=dtype)
-    w = torch.randn(c_out, c_in // groups, kernel, kernel, dtype=dtype)
+    w = torch.randn(c_out, c_in // groups, kh, kw, dtype=dtype)
     if not _HAS_AVX512F:
         pytest.skip("the direct CPU kernels need AVX-512")
-    most = max(padding) if isinstance(padding, tuple) else padding
-    want = FOLDED if mode != "zeros" or most > dilation * (kernel - 1) else "transposed_forward"
+    folded = mode != "zeros" or _reach_exceeded(kernel, padding, dilation)
+    want = FOLDED if folded else "transposed_forward"
     assert _cpu_path("grad_input", x, w, 1, padding, dilation, groups, mode) == want
     _check(x, w, None, 1, padding, dilation, groups, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_grad_input_fold_at_the_padding_limits(mode):
+    """Padding as wide as the op allows (reflect: size - 1, else: size) on a
+    12 x 12 plane of 256 channels (the packed gradient passes 1 MiB): every
+    border position folds into an interior one, some of them through the
+    other border's range. Also in channels_last, and unpadded on a larger
+    plane (nothing to fold, so every mode writes the gradient directly)."""
+    if not _HAS_AVX512F:
+        pytest.skip("the direct CPU kernels need AVX-512")
+    pad = 11 if mode == "reflect" else 12
+    x = torch.randn(2, 256, 12, 12, dtype=torch.float64)
+    w = torch.randn(16, 256, 3, 3, dtype=torch.float64)
+    assert _cpu_path("grad_input", x, w, 1, pad, 1, 1, mode) == FOLDED
+    _check(x, w, None, 1, pad, 1, 1, mode)
+    _check(x.to(memory_format=torch.channels_last), w, None, 1, (pad, 3), 1, 1, mode)
+    x, w = torch.randn(1, 16, 140, 140, dtype=torch.float64), w[:, :16]
+    assert _cpu_path("grad_input", x, w, 1, 0, 1, 1, mode) == "transposed_forward"
+    _check(x, w, None, 1, 0, 1, 1, mode)
 
 
 def test_direct_forward_packs_rows_not_a_padded_copy():
@@ -383,6 +416,8 @@ def _assert_bitwise_same_across_thread_counts(grad_input, grad_weight):
     transposed = torch.randn(3, 16, 130, 130, generator=gen), torch.randn(16, 16, 3, 3,
                                                                            generator=gen)
     threads = torch.get_num_threads()
+    if _HAS_AVX512F:  # else the direct kernels, this route included, do not run
+        assert _cpu_path("grad_input", *transposed, 1, 1, 1, 1, "circular") == FOLDED
     for (x, w), stride, pad in [(small, 1, 1), (small, 2, 1), (net1, 1, 2), (direct, 2, 2),
                                 (transposed, 1, 1)]:
         args = ([stride, stride], [pad] * 4, [1, 1], 1, "circular")
