@@ -513,36 +513,29 @@ Axis transposed_axis(const Axis& a, int64_t cut_before, int64_t cut_after) {
   return t;
 }
 
-// Adds each position of `padded`, the gradient of the padded input (b, C,
-// H + pads, W + pads), into the element it was read from (source_index), in
-// place (border columns into interior columns over every row, then border rows
-// into interior rows: sources are always interior), then copies the interior
-// into `grad_input` (b, C, H, W). Zeros mode drops the border.
+// Adds each border position of `t` along `dim` (axis `a`'s padded extent)
+// into the position it reads (source_index), in place; zeros mode drops it.
+// In place is safe because sources are interior: check_axis_padding's limits
+// (reflect pad < size, circular pad <= size) give that.
+void fold_border(const at::Tensor& t, int64_t dim, const Axis& a, PadMode mode) {
+  for (int64_t i = -a.pad_before; i < a.size + a.pad_after; ++i) {
+    if (i >= 0 && i < a.size) continue;
+    const int64_t source = source_index(i, a.size, mode);
+    TORCH_INTERNAL_ASSERT(source < a.size);
+    if (source >= 0) t.select(dim, source + a.pad_before).add_(t.select(dim, i + a.pad_before));
+  }
+}
+
+// Folds `padded`, the gradient of the padded input (b, C, H + pads, W + pads),
+// into `grad_input` (b, C, H, W): border columns over every row, then the
+// border rows' interior columns (their border columns are folded already),
+// then one copy of the interior.
 void fold_padded_gradient(const at::Tensor& padded, const ConvGeometry& g,
                           const at::Tensor& grad_input) {
-  const Axis& h = g.h;
-  const Axis& w = g.w;
-  // The in-place order needs interior sources: check_axis_padding's limits
-  // (reflect pad < size, circular pad <= size) give them.
-  for (int64_t j = -w.pad_before; j < w.size + w.pad_after; ++j) {
-    const int64_t source = source_index(j, w.size, g.mode);
-    if (j >= 0 && j < w.size) continue;
-    TORCH_INTERNAL_ASSERT(source < w.size);
-    if (source >= 0) {
-      padded.select(3, source + w.pad_before).add_(padded.select(3, j + w.pad_before));
-    }
-  }
-  // Border rows' interior columns only: their border columns are folded already.
-  const at::Tensor columns = padded.narrow(3, w.pad_before, w.size);
-  for (int64_t i = -h.pad_before; i < h.size + h.pad_after; ++i) {
-    const int64_t source = source_index(i, h.size, g.mode);
-    if (i >= 0 && i < h.size) continue;
-    TORCH_INTERNAL_ASSERT(source < h.size);
-    if (source >= 0) {
-      columns.select(2, source + h.pad_before).add_(columns.select(2, i + h.pad_before));
-    }
-  }
-  grad_input.copy_(padded.narrow(2, h.pad_before, h.size).narrow(3, w.pad_before, w.size));
+  const at::Tensor columns = padded.narrow(3, g.w.pad_before, g.w.size);
+  fold_border(padded, 3, g.w, g.mode);
+  fold_border(columns, 2, g.h, g.mode);
+  grad_input.copy_(columns.narrow(2, g.h.pad_before, g.h.size));
 }
 
 // The transposed convolution that gives the input gradient at stride 1 on

@@ -206,15 +206,22 @@ def _cpu_has_avx512f():
 _HAS_AVX512F = _cpu_has_avx512f()
 
 
+def _pair(v):
+    return list(v) if isinstance(v, tuple) else [v, v]
+
+
+def _four_pads(padding):
+    """(top, bottom, left, right) from the op's int, (h, w) or 4-tuple."""
+    if isinstance(padding, tuple) and len(padding) == 4:
+        return list(padding)
+    return [p for p in _pair(padding) for _ in range(2)]
+
+
 def _cpu_path(which, x, w, stride, padding, dilation, groups, mode):
     """The kernel a CPU pass takes: 'direct', 'gemm', or for the input gradient
-    'transposed_forward' / 'transposed_forward_folded'. `padding` as the op's:
-    an int, (h, w) or (top, bottom, left, right)."""
-    pair = lambda v: list(v) if isinstance(v, tuple) else [v, v]
-    pads = list(padding) if isinstance(padding, tuple) and len(padding) == 4 else \
-        [p for p in pair(padding) for _ in range(2)]
+    'transposed_forward' / 'transposed_forward_folded'."""
     return torch.ops.pyattn.padded_conv2d_cpu_path(
-        which, x, w, pair(stride), pads, pair(dilation), groups, mode)
+        which, x, w, _pair(stride), _four_pads(padding), _pair(dilation), groups, mode)
 
 
 # The CPU's direct kernels (AVX-512; forward and both gradients, which _check
@@ -284,8 +291,9 @@ def test_direct_kernels_where_they_apply(c_in, c_out, size, stride, paths):
 # gradient's 1 MiB a sample. Zeros padding within the kernel's reach writes the
 # gradient directly; the padded modes, and zeros padding beyond the reach
 # (3 > 3 - 1), compute the padded input's gradient and fold its border back.
-# Asymmetric padding, groups 2, dilation 2, a 5 x 5 kernel; 13 samples of 16 x
-# 202 x 202 take two chunks of 32 MiB.
+# Asymmetric padding, groups 2, dilation 2, a 5 x 5 kernel; in the padded modes
+# 13 samples of 16 x 202 x 202 take two chunks of 32 MiB in float32 (12 + 1),
+# three in float64 (6 + 6 + 1).
 TRANSPOSED_SHAPES = [
     (2, 16, 24, 130, 130, 3, 1, 1, 1),
     (1, 32, 16, 90, 100, 3, (2, 0, 1, 2), 1, 2),
@@ -300,12 +308,9 @@ TRANSPOSED_SHAPES = [
 
 def _reach_exceeded(kernel, padding, dilation):
     """Whether some side's zeros padding lies beyond dilation x (kernel - 1)."""
-    pair = lambda v: v if isinstance(v, tuple) else (v, v)
-    (kh, kw), (dh, dw) = pair(kernel), pair(dilation)
-    pads = padding if isinstance(padding, tuple) and len(padding) == 4 else \
-        [p for p in pair(padding) for _ in range(2)]
+    (kh, kw), (dh, dw) = _pair(kernel), _pair(dilation)
     reach = [dh * (kh - 1)] * 2 + [dw * (kw - 1)] * 2
-    return any(p > r for p, r in zip(pads, reach))
+    return any(p > r for p, r in zip(_four_pads(padding), reach))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -313,7 +318,7 @@ def _reach_exceeded(kernel, padding, dilation):
 @pytest.mark.parametrize("shape", TRANSPOSED_SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
 def test_grad_input_as_transposed_forward(dtype, mode, shape):
     batch, c_in, c_out, height, width, kernel, padding, dilation, groups = shape
-    kh, kw = kernel if isinstance(kernel, tuple) else (kernel, kernel)
+    kh, kw = _pair(kernel)
     x = torch.randn(batch, c_in, height, width, dtype=dtype)
     w = torch.randn(c_out, c_in // groups, kh, kw, dtype=dtype)
     if not _HAS_AVX512F:
